@@ -1,0 +1,40 @@
+"""
+Packaging for wsproxy.
+
+The twistd plugin lives in C{twisted/plugins/}, a namespace that belongs to
+Twisted: it must not get an C{__init__.py}, so it is shipped as package data
+of the C{twisted} distribution path rather than as a package of our own.
+"""
+
+from setuptools import setup
+
+setup(
+    name="wsproxy",
+    version="0.1.0",
+    description="A WebSocket-aware HTTP/1.1 reverse proxy on Twisted",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.11",
+    packages=["wsproxy", "twisted.plugins"],
+    package_data={"twisted": ["plugins/wsproxy_plugin.py"], "wsproxy": ["demo.html"]},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "pyopenssl>=24",
+        "service-identity>=24",
+        "autobahn>=24",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "kosoku>=0.1",
+            "trustme>=1.1",
+            "hypothesis>=6",
+            "pyyaml>=6",
+        ],
+    },
+    entry_points={
+        "console_scripts": ["wsproxy-conformance = wsproxy.conformance:main"],
+    },
+)

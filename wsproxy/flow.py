@@ -1,0 +1,68 @@
+# -*- test-case-name: tests.test_flow -*-
+"""
+Flow control between the two legs of a proxied connection.
+
+Twisted's transports pause and resume the producer registered with them as
+their write buffer fills and drains.  A client connection can need pausing
+for more than one reason at a time (the upstream is slow to read, and
+pipelined requests are piling up while a response streams), so a
+L{ReadGate} keeps a set of reasons and only resumes reading when none is
+left.  Without it, the upstream draining would resume a client that is held
+for another reason, and a buffer would grow without bound.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+__all__ = ["ReadGate"]
+
+
+@implementer(IPushProducer)
+class ReadGate:
+    """
+    Pauses reading from one transport for as long as any reason holds it.
+
+    A gate is also the streaming producer registered with the I{other}
+    transport: when that transport's write buffer fills it calls
+    L{pauseProducing}, which holds the gate for the reason C{"peer"}.
+    """
+
+    __slots__ = ("_transport", "_holds")
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self._holds: set[str] = set()
+
+    @property
+    def held(self) -> bool:
+        """Whether reading is paused for any reason."""
+        return bool(self._holds)
+
+    def hold(self, reason: str) -> None:
+        """Stop reading until C{reason} is released."""
+        if not self._holds:
+            self._transport.pauseProducing()
+        self._holds.add(reason)
+
+    def release(self, reason: str) -> None:
+        """Resume reading if C{reason} was the last one holding the gate."""
+        if reason in self._holds:
+            self._holds.discard(reason)
+            if not self._holds:
+                self._transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self.hold("peer")
+
+    def resumeProducing(self) -> None:
+        self.release("peer")
+
+    def stopProducing(self) -> None:
+        """
+        The consumer went away; each side closes the other itself, so there
+        is nothing to do here.
+        """

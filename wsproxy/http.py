@@ -1,0 +1,628 @@
+# -*- test-case-name: tests.test_http -*-
+"""
+HTTP/1.1 message heads: strict parsing (RFC 9112), body framing, and the
+hop-by-hop rules a proxy applies between the two connections.
+
+Everything here works on bytes and knows nothing about transports, so the
+request and response parsers can be tested, and fuzzed, on their own.  The
+parsers are deliberately strict: a request that two HTTP implementations
+could read differently (the root of request smuggling) is refused rather
+than guessed at.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Iterable
+
+__all__ = [
+    "BodyDecoder",
+    "ChunkedDecoder",
+    "HTTPError",
+    "Limits",
+    "LengthDecoder",
+    "RequestHead",
+    "ResponseHead",
+    "errorResponse",
+    "findHeadEnd",
+    "parseRequestHead",
+    "parseResponseHead",
+    "websocketAccept",
+]
+
+CRLF = b"\r\n"
+HEAD_END = b"\r\n\r\n"
+
+#: Headers that concern one connection only (RFC 9110 §7.6.1), never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+#: Headers the proxy sets or must keep; naming them in Connection removes nothing.
+PROTECTED = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_VCHAR = rb"\x01-\x08\x0b\x0c\x0e-\x1f\x21-\xff"
+_FIELD = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*((?:[" + _VCHAR + rb"](?:[\t\x20" + _VCHAR + rb"]*[" + _VCHAR + rb"])?)?)[ \t]*"
+)
+_TOKEN_RE = re.compile(_TOKEN)
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9]) *")
+_STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]*)?")
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^#]*)")
+_CHUNK_EXT = re.compile(
+    rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN
+    + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
+)
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_BARE_LF = re.compile(rb"(?<!\r)\n|\r(?!\n)")
+_LOOK_ALIKE = re.compile(rb"[^a-z0-9]")
+#: Transfer codings a proxy can pass on without understanding them.
+_KNOWN_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class HTTPError(Exception):
+    """
+    A message cannot be handled; C{status} is what the client is told.
+
+    The message is short plain text meant for the person debugging the client.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Size limits on a request head, nginx's C{large_client_header_buffers}."""
+
+    maxRequestLine: int = 8192
+    maxHeaderSize: int = 32768
+    maxHeaders: int = 100
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """
+    A parsed request head, with what the proxy needs to forward it.
+
+    C{headers} keeps the client's names and order; C{fields} maps lowercased
+    names to their values.  C{bodyLength} is C{None} for a chunked body and
+    0 when there is no body.  C{upgrade} is the protocol asked for by a
+    valid upgrade request (C{b"websocket"}), else C{None}.
+    """
+
+    method: bytes
+    target: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes]]
+    fields: dict[bytes, list[bytes]]
+    host: bytes
+    path: bytes
+    bodyLength: int | None
+    chunked: bool
+    keepAlive: bool
+    connectionTokens: frozenset[bytes]
+    upgrade: bytes | None = None
+    transferCodings: tuple[bytes, ...] = ()
+
+    def first(self, name: bytes) -> bytes | None:
+        """The first value of header C{name} (lowercase), or C{None}."""
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    """A parsed response head from an upstream server."""
+
+    version: bytes
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    fields: dict[bytes, list[bytes]]
+    bodyLength: int | None
+    chunked: bool
+    closeDelimited: bool
+    keepAlive: bool
+    connectionTokens: frozenset[bytes]
+
+    def first(self, name: bytes) -> bytes | None:
+        """The first value of header C{name} (lowercase), or C{None}."""
+        values = self.fields.get(name)
+        return values[0] if values else None
+
+
+def findHeadEnd(buffer: bytes | bytearray, limit: int) -> int:
+    """
+    Find where a message head ends in C{buffer}.
+
+    @return: the index just past the blank line, or -1 if the head is not
+        complete yet.
+    @raise HTTPError: if the bytes seen so far can never become a valid head
+        (a bare CR or LF), so that a client cannot park a connection on one.
+    """
+    end = buffer.find(HEAD_END, 0, limit + 4)
+    if end >= 0:
+        return end + 4
+    searchEnd = min(len(buffer), limit + 4)
+    if buffer[searchEnd - 1 : searchEnd] == b"\r":
+        searchEnd -= 1
+    if _BARE_LF.search(buffer, 0, searchEnd):
+        raise HTTPError(400, "bare CR or LF in the message head")
+    return -1
+
+
+def _splitFields(
+    lines: list[bytes], maxHeaders: int, status: int
+) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
+    if len(lines) > maxHeaders:
+        raise HTTPError(431 if status == 400 else status, f"more than {maxHeaders} header fields")
+    headers = []
+    fields: dict[bytes, list[bytes]] = {}
+    match = _FIELD.fullmatch
+    for line in lines:
+        m = match(line)
+        if m is None:
+            raise HTTPError(status, _fieldProblem(line))
+        name, value = m.groups()
+        headers.append((name, value))
+        lower = name.lower()
+        if lower in fields:
+            fields[lower].append(value)
+        else:
+            fields[lower] = [value]
+    return headers, fields
+
+
+def _fieldProblem(line: bytes) -> str:
+    """Say why a header line was refused, for the error body."""
+    if line[:1] in (b" ", b"\t"):
+        return "obsolete line folding in the header section"
+    name, colon, _ = line.partition(b":")
+    if not colon:
+        return "a header line without a colon"
+    if name != name.rstrip(b" \t") or not name:
+        return "whitespace between a header name and its colon"
+    if not _TOKEN_RE.fullmatch(name):
+        return "invalid characters in a header name"
+    return "invalid characters in a header value"
+
+
+def _tokens(values: list[bytes] | None, status: int, what: str) -> list[bytes]:
+    """Split comma-separated header values into lowercase tokens."""
+    tokens = []
+    for value in values or ():
+        for element in value.split(b","):
+            element = element.strip(b" \t")
+            if not element:
+                continue
+            if not _TOKEN_RE.fullmatch(element):
+                raise HTTPError(status, f"invalid {what} value")
+            tokens.append(element.lower())
+    return tokens
+
+
+def _contentLength(values: list[bytes], status: int) -> int:
+    """One Content-Length from its values; identical repeats are folded."""
+    first = values[0]
+    for value in values:
+        if not _DIGITS.fullmatch(value):
+            raise HTTPError(status, "invalid Content-Length")
+        if value != first and int(value) != int(first):
+            raise HTTPError(status, "multiple differing Content-Length values")
+    return int(first)
+
+
+def _transferCodings(values: list[bytes], status: int) -> tuple[bytes, ...]:
+    """
+    Accept exactly one final C{chunked} (RFC 9112 §6.3), after any of the
+    registered codings, which are returned to be forwarded as they are;
+    C{identity} is dropped, parameters are ignored.
+    """
+    codings = []
+    for value in values:
+        for element in value.split(b","):
+            name = element.partition(b";")[0].strip(b" \t").lower()
+            if not name:
+                if element.strip(b" \t"):
+                    raise HTTPError(status, "invalid Transfer-Encoding value")
+                continue
+            if not _TOKEN_RE.fullmatch(name):
+                raise HTTPError(status, "invalid Transfer-Encoding value")
+            if name != b"identity":
+                codings.append(name)
+    if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        raise HTTPError(status, "Transfer-Encoding must end in a single chunked")
+    others = tuple(codings[:-1])
+    if any(coding not in _KNOWN_CODINGS for coding in others):
+        raise HTTPError(501 if status == 400 else status, "unknown transfer coding")
+    return others
+
+
+def _validKey(key: bytes | None) -> bool:
+    if key is None or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:
+        return False
+
+
+def websocketAccept(key: bytes) -> bytes:
+    """The C{Sec-WebSocket-Accept} value for C{key} (RFC 6455 §4.2.2)."""
+    return base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest())
+
+
+def parseRequestHead(
+    head: bytes, limits: Limits = Limits(), upgradeProtocols: Iterable[bytes] = (b"websocket",)
+) -> RequestHead:
+    """
+    Parse a request head (everything up to and including the blank line).
+
+    @raise HTTPError: 400 for anything malformed or ambiguous, 414 for an
+        over-long request line, 431 for too many or too large header
+        fields, 501 for an unsupported transfer coding, 505 for an HTTP
+        version other than 1.0 and 1.1, 405 for CONNECT.
+    """
+    if len(head) > limits.maxHeaderSize + limits.maxRequestLine:
+        raise HTTPError(431, "request header section too large")
+    lines = head.split(CRLF)
+    requestLine = lines[0]
+    if len(requestLine) > limits.maxRequestLine:
+        raise HTTPError(414, "request line too long")
+    fieldLines = lines[1:-2]
+    if lines[-2:] != [b"", b""]:
+        raise HTTPError(400, "malformed request head")
+    if len(head) - len(requestLine) > limits.maxHeaderSize:
+        raise HTTPError(431, "request header section too large")
+    m = _REQUEST_LINE.fullmatch(requestLine)
+    if m is None:
+        raise HTTPError(400, "malformed request line")
+    method, target, version = m.groups()
+    if version[5:6] != b"1":
+        raise HTTPError(505, "only HTTP/1.0 and HTTP/1.1 are supported")
+    if version != b"HTTP/1.0":
+        # A later 1.x minor version is answered as the highest we speak (RFC 9110 §2.5).
+        version = b"HTTP/1.1"
+    if method == b"CONNECT":
+        raise HTTPError(405, "CONNECT is not supported by this proxy")
+
+    headers, fields = _splitFields(fieldLines, limits.maxHeaders, 400)
+    http11 = version == b"HTTP/1.1"
+    for name in fields:
+        if name not in (b"content-length", b"transfer-encoding") and _LOOK_ALIKE.sub(b"", name) in (
+            b"contentlength",
+            b"transferencoding",
+        ):
+            raise HTTPError(400, "a header name that looks like a framing header")
+
+    hosts = fields.get(b"host")
+    if hosts is not None and len(hosts) > 1:
+        raise HTTPError(400, "more than one Host header")
+    host = hosts[0] if hosts else b""
+    if host and not _HOST.fullmatch(host):
+        raise HTTPError(400, "invalid Host header")
+
+    if target[0:1] == b"/":
+        path = target
+    elif target == b"*" and method == b"OPTIONS":
+        path = target
+    else:
+        absolute = _ABSOLUTE.fullmatch(target)
+        if absolute is None or absolute.group(1).lower() not in (b"http", b"https"):
+            raise HTTPError(400, "invalid request target")
+        authority = absolute.group(2)
+        if not _HOST.fullmatch(authority) or b"@" in authority:
+            raise HTTPError(400, "invalid authority in the request target")
+        host = authority
+        path = absolute.group(3) or b"/"
+        if path[0:1] != b"/":
+            path = b"/" + path
+    if b"#" in path:
+        raise HTTPError(400, "a fragment in the request target")
+    if http11 and not host:
+        raise HTTPError(400, "missing Host header")
+
+    connection = frozenset(_tokens(fields.get(b"connection"), 400, "Connection"))
+    transferEncodings = fields.get(b"transfer-encoding")
+    lengths = fields.get(b"content-length")
+    chunked = False
+    codings: tuple[bytes, ...] = ()
+    bodyLength: int | None = 0
+    if transferEncodings is not None:
+        if not http11:
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        if lengths is not None:
+            raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+        codings = _transferCodings(transferEncodings, 400)
+        chunked, bodyLength = True, None
+    elif lengths is not None:
+        bodyLength = _contentLength(lengths, 400)
+    if (chunked or bodyLength) and method in (b"GET", b"HEAD"):
+        raise HTTPError(400, f"a {method.decode()} request with a body")
+
+    if http11:
+        keepAlive = b"close" not in connection
+    else:
+        keepAlive = b"keep-alive" in connection and b"close" not in connection
+
+    upgrade = None
+    if http11 and b"upgrade" in connection and b"upgrade" in fields:
+        offered = _tokens(fields[b"upgrade"], 400, "Upgrade")
+        allowed = frozenset(upgradeProtocols)
+        for protocol in offered:
+            name = protocol.partition(b"/")[0]
+            if name in allowed:
+                upgrade = name
+                break
+        if upgrade == b"websocket":
+            if method != b"GET":
+                raise HTTPError(400, "a WebSocket upgrade must use GET")
+            if not _validKey(fields.get(b"sec-websocket-key", [None])[-1]) or len(fields[b"sec-websocket-key"]) != 1:
+                raise HTTPError(400, "invalid Sec-WebSocket-Key")
+            if b"sec-websocket-version" not in fields:
+                raise HTTPError(400, "missing Sec-WebSocket-Version")
+        if upgrade is not None and (chunked or bodyLength):
+            raise HTTPError(400, "an upgrade request with a body")
+
+    return RequestHead(
+        method=method,
+        target=target,
+        version=version,
+        headers=headers,
+        fields=fields,
+        host=host,
+        path=path,
+        bodyLength=bodyLength,
+        chunked=chunked,
+        keepAlive=keepAlive,
+        connectionTokens=connection,
+        upgrade=upgrade,
+        transferCodings=codings,
+    )
+
+
+def parseResponseHead(head: bytes, requestMethod: bytes, maxHeaders: int = 200) -> ResponseHead:
+    """
+    Parse an upstream's response head, as strictly as a request head.
+
+    @raise HTTPError: always with status 502: a response the proxy cannot
+        frame unambiguously is never relayed.
+    """
+    lines = head.split(CRLF)
+    if lines[-2:] != [b"", b""]:
+        raise HTTPError(502, "malformed response head from the upstream")
+    m = _STATUS_LINE.fullmatch(lines[0])
+    if m is None:
+        raise HTTPError(502, "malformed status line from the upstream")
+    version, statusText, reason = m.groups()
+    status = int(statusText)
+    headers, fields = _splitFields(lines[1:-2], maxHeaders, 502)
+    connection = frozenset(_tokens(fields.get(b"connection"), 502, "Connection"))
+
+    transferEncodings = fields.get(b"transfer-encoding")
+    lengths = fields.get(b"content-length")
+    chunked = closeDelimited = False
+    bodyLength: int | None = None
+    if transferEncodings is not None and lengths is not None:
+        raise HTTPError(502, "upstream sent both Content-Length and Transfer-Encoding")
+    if requestMethod == b"HEAD" or status < 200 or status in (204, 304):
+        bodyLength = 0
+        if lengths is not None:
+            _contentLength(lengths, 502)
+    elif transferEncodings is not None:
+        if version != b"HTTP/1.1":
+            raise HTTPError(502, "upstream sent Transfer-Encoding in an HTTP/1.0 response")
+        if _transferCodings(transferEncodings, 502):
+            raise HTTPError(502, "upstream used a transfer coding other than chunked")
+        chunked = True
+    elif lengths is not None:
+        bodyLength = _contentLength(lengths, 502)
+    else:
+        closeDelimited = True
+
+    if version == b"HTTP/1.1":
+        keepAlive = b"close" not in connection
+    else:
+        keepAlive = b"keep-alive" in connection and b"close" not in connection
+    return ResponseHead(
+        version=version,
+        status=status,
+        reason=reason or b"",
+        headers=headers,
+        fields=fields,
+        bodyLength=bodyLength,
+        chunked=chunked,
+        closeDelimited=closeDelimited,
+        keepAlive=keepAlive and not closeDelimited,
+        connectionTokens=connection,
+    )
+
+
+def endToEnd(
+    headers: list[tuple[bytes, bytes]], connectionTokens: frozenset[bytes], drop: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """
+    The headers to forward: without hop-by-hop ones, those the message's
+    C{Connection} names (unless L{PROTECTED}), and those in C{drop}.
+    """
+    named = connectionTokens - PROTECTED
+    return [
+        (name, value)
+        for name, value in headers
+        if (lower := name.lower()) not in HOP_BY_HOP and lower not in named and lower not in drop
+    ]
+
+
+class BodyDecoder:
+    """
+    Reads a message body off a byte stream, a piece at a time.
+
+    C{feed(data)} returns the payload found in C{data} and, once the body
+    is complete, the bytes that follow it (else C{None}).
+    """
+
+    done: bool = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        raise NotImplementedError
+
+
+class LengthDecoder(BodyDecoder):
+    """A body of known length (Content-Length)."""
+
+    __slots__ = ("remaining", "done")
+
+    def __init__(self, length: int) -> None:
+        self.remaining = length
+        self.done = length == 0
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        remaining = self.remaining
+        if len(data) < remaining:
+            self.remaining = remaining - len(data)
+            return data, None
+        self.remaining = 0
+        self.done = True
+        return data[:remaining], data[remaining:]
+
+
+class ChunkedDecoder(BodyDecoder):
+    """
+    A chunked body (RFC 9112 §7.1), decoded strictly: a malformed size
+    line, a missing CRLF after a chunk, an over-long line or a malformed
+    trailer field is an L{HTTPError}.  Trailer fields are read and dropped.
+    """
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+    __slots__ = ("_state", "_remaining", "_buffer", "_status", "_trailerBytes", "done")
+
+    maxLine = 4096
+    maxTrailer = 16384
+
+    def __init__(self, errorStatus: int = 400) -> None:
+        self._state = self._SIZE
+        self._remaining = 0
+        self._buffer = b""
+        self._status = errorStatus
+        self._trailerBytes = 0
+        self.done = False
+
+    def _fail(self, message: str) -> HTTPError:
+        return HTTPError(self._status, message)
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        data = self._buffer + data if self._buffer else data
+        self._buffer = b""
+        payload = []
+        position = 0
+        end = len(data)
+        while position < end:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._remaining, end - position)
+                payload.append(data[position : position + take])
+                position += take
+                self._remaining -= take
+                if not self._remaining:
+                    self._state = self._DATA_END
+                continue
+            if state == self._DATA_END:
+                if end - position < 2:
+                    break
+                if data[position : position + 2] != CRLF:
+                    raise self._fail("missing CRLF after a chunk")
+                position += 2
+                self._state = self._SIZE
+                continue
+            lineEnd = data.find(CRLF, position, position + self.maxLine)
+            if lineEnd < 0:
+                if end - position >= self.maxLine:
+                    raise self._fail("chunk size or trailer line too long")
+                if _BARE_LF.search(data, position, end - 1 if data.endswith(b"\r") else end):
+                    raise self._fail("bare CR or LF in chunked framing")
+                break
+            line = data[position:lineEnd]
+            position = lineEnd + 2
+            if state == self._SIZE:
+                size = _HEX.match(line)
+                if size is None or not _CHUNK_EXT.fullmatch(line, size.end()):
+                    raise self._fail("invalid chunk size line")
+                self._remaining = int(size.group(), 16)
+                self._state = self._DATA if self._remaining else self._TRAILER
+            else:
+                if not line:
+                    self.done = True
+                    return b"".join(payload), data[position:]
+                self._trailerBytes += len(line) + 2
+                if self._trailerBytes > self.maxTrailer:
+                    raise self._fail("trailer section too large")
+                if _FIELD.fullmatch(line) is None:
+                    raise self._fail("invalid trailer field")
+        self._buffer = data[position:]
+        return b"".join(payload), None
+
+
+def chunk(data: bytes) -> bytes:
+    """C{data} framed as one chunk."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def errorResponse(
+    status: int,
+    message: str,
+    extraHeaders: Iterable[tuple[bytes, bytes]] = (),
+    close: bool = True,
+    head: bool = False,
+) -> bytes:
+    """
+    A complete response that the proxy itself sends: a status line, a short
+    plain-text body saying what happened, and C{extraHeaders}
+    (C{add_header}).
+    """
+    try:
+        phrase = HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        phrase = b"Error"
+    body = f"{status} {phrase.decode()}: {message}\n".encode("utf-8")
+    lines = [
+        b"HTTP/1.1 %d %b" % (status, phrase),
+        b"Content-Type: text/plain; charset=utf-8",
+        b"Content-Length: %d" % len(body),
+    ]
+    if close:
+        lines.append(b"Connection: close")
+    lines.extend(b"%b: %b" % pair for pair in extraHeaders)
+    return CRLF.join(lines) + HEAD_END + (b"" if head else body)

@@ -1,0 +1,187 @@
+# -*- test-case-name: tests.test_upstream -*-
+"""
+The upstream pool: round-robin over servers, failover, passive health.
+
+This is nginx's C{upstream} block with C{proxy_next_upstream error timeout}
+and C{max_fails}/C{fail_timeout}: each request starts at the next server;
+a server that refuses or does not answer the connection in time is skipped
+for the rest of that request and marked down for a while.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from .config import Upstream, UpstreamAddress
+
+__all__ = ["NoUpstreamAvailable", "UpstreamPool", "UpstreamServer"]
+
+log = Logger()
+
+
+class NoUpstreamAvailable(Exception):
+    """Every server of the pool was tried for one request, and none connected."""
+
+    def __init__(self, pool: str, failures: list[tuple[UpstreamAddress, str]]) -> None:
+        self.pool = pool
+        self.failures = failures
+        summary = "; ".join(f"{address}: {why}" for address, why in failures)
+        super().__init__(f"no server of upstream {pool!r} could be reached ({summary})")
+
+
+class UpstreamServer:
+    """
+    One server of a pool and its passive health: C{max_fails} failures
+    within C{fail_timeout} seconds mark it down for C{fail_timeout} seconds.
+    """
+
+    __slots__ = ("address", "_endpointFor", "_failures", "downUntil")
+
+    def __init__(self, address: UpstreamAddress, endpointFor: Callable[[float], Any]) -> None:
+        self.address = address
+        self._endpointFor = endpointFor
+        self._failures: deque[float] = deque()
+        self.downUntil = 0.0
+
+    def endpoint(self, timeout: float) -> Any:
+        """A client endpoint to this server, with the given connect timeout."""
+        return self._endpointFor(timeout)
+
+    def isUp(self, now: float) -> bool:
+        return now >= self.downUntil
+
+    def failed(self, now: float, maxFails: int, failTimeout: float) -> bool:
+        """Record a failure; return whether this marked the server down."""
+        if maxFails == 0:
+            return False
+        failures = self._failures
+        failures.append(now)
+        while failures and failures[0] <= now - failTimeout:
+            failures.popleft()
+        if len(failures) >= maxFails:
+            failures.clear()
+            self.downUntil = now + failTimeout
+            return True
+        return False
+
+    def succeeded(self) -> None:
+        self._failures.clear()
+        self.downUntil = 0.0
+
+
+class UpstreamPool:
+    """
+    The servers of one C{[upstream.NAME]} table, picked in turn.
+
+    @ivar name: the upstream's name, for logs and error messages.
+    """
+
+    def __init__(
+        self,
+        upstream: Upstream,
+        reactor: IReactorTCP | IReactorTime | Any,
+        tlsOptionsFor: Callable[[UpstreamAddress], Any] | None = None,
+    ) -> None:
+        self.name = upstream.name
+        self.upstream = upstream
+        self._reactor = reactor
+        self._tlsOptionsFor = tlsOptionsFor
+        self.servers = [UpstreamServer(a, self._endpointFactory(a)) for a in upstream.servers]
+        self._next = 0
+
+    def _endpointFactory(self, address: UpstreamAddress) -> Callable[[float], Any]:
+        reactor = self._reactor
+        if address.isLiteralIP:
+            kind = TCP6ClientEndpoint if ":" in address.host else TCP4ClientEndpoint
+
+            def plain(timeout: float) -> Any:
+                return kind(reactor, address.host, address.port, timeout=timeout)
+
+        else:
+
+            def plain(timeout: float) -> Any:
+                return HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+
+        if not address.tls:
+            return plain
+        if self._tlsOptionsFor is None:
+            raise ValueError(f"{address} needs TLS but the pool has no TLS options")
+        options = self._tlsOptionsFor(address)
+        return lambda timeout: wrapClientTLS(options, plain(timeout))
+
+    def pickOrder(self) -> list[UpstreamServer]:
+        """
+        The servers to try for one request: the next one in turn first,
+        then the others; servers marked down come last, so that a request
+        still gets through when every server has been marked down and one
+        has come back.
+        """
+        servers = self.servers
+        start = self._next
+        self._next = (start + 1) % len(servers)
+        ordered = servers[start:] + servers[:start]
+        now = self._reactor.seconds()
+        up = [s for s in ordered if s.isUp(now)]
+        if len(up) == len(ordered):
+            return ordered
+        return up + [s for s in ordered if not s.isUp(now)]
+
+    def connect(self, protocolFactory: Callable[[], IProtocol], timeout: float) -> Deferred:
+        """
+        Connect a new protocol to the next server that accepts, trying each
+        server at most once.
+
+        @return: a L{Deferred} firing with C{(UpstreamServer, protocol)}, or
+            failing with L{NoUpstreamAvailable}.  Cancelling it abandons
+            the attempt in progress.
+        """
+        return ensureDeferred(self._connect(protocolFactory, timeout))
+
+    async def _connect(self, protocolFactory: Callable[[], IProtocol], timeout: float) -> tuple:
+        upstream = self.upstream
+        failures = []
+        for server in self.pickOrder():
+            try:
+                protocol = await server.endpoint(timeout).connect(_OneConnection(protocolFactory()))
+            except CancelledError:
+                raise
+            except (ConnectError, ConnectTimeout, OSError) as e:
+                why = "timed out" if isinstance(e, ConnectTimeout) else _describe(e)
+                failures.append((server.address, why))
+                if server.failed(self._reactor.seconds(), upstream.max_fails, upstream.fail_timeout):
+                    log.warn(
+                        "upstream {pool} server {server} marked down for {seconds}s: {why}",
+                        pool=self.name,
+                        server=str(server.address),
+                        seconds=upstream.fail_timeout,
+                        why=why,
+                    )
+                continue
+            server.succeeded()
+            return server, protocol
+        raise NoUpstreamAvailable(self.name, failures)
+
+
+class _OneConnection(Factory):
+    """Hands out one protocol, quietly: no log line per upstream connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: Any) -> IProtocol:
+        return self._protocol
+
+
+def _describe(error: Exception) -> str:
+    text = getattr(error, "osError", None) or error
+    return str(text).strip() or type(error).__name__
