@@ -43,6 +43,23 @@ class Listener(StreamServerEndpointService):
         self._raiseSynchronously = True
         self.setName(block.listen)
 
+    def listeningPort(self) -> Deferred:
+        """
+        A L{Deferred} firing with the L{IListeningPort} once bound; useful
+        with C{tcp:0} to learn the port that was picked.
+        """
+        waiting = self._waitingForPort
+        if waiting is None:
+            raise RuntimeError("the listener has not been started")
+        result: Deferred = Deferred()
+
+        def relay(port: Any) -> Any:
+            result.callback(port)
+            return port
+
+        waiting.addCallback(relay)
+        return result
+
 
 class ProxyService(MultiService):
     """

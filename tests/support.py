@@ -1,0 +1,210 @@
+"""
+Real parts for the tests: a proxy started from a configuration dictionary,
+upstream servers (autobahn's echo, and scripted raw servers for odd
+answers), and a raw TCP client that sends exact bytes and collects what
+comes back.  Everything listens on 127.0.0.1 with ports the system picks.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+
+from wsproxy import parseConfig
+from wsproxy.demo import echoSite
+from wsproxy.listeners import ProxyService
+
+LOOPBACK = "127.0.0.1"
+
+
+def sleep(seconds: float) -> Deferred:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def startProxy(upstreams: dict[str, Any], *servers: dict[str, Any], **topLevel: Any) -> ProxyService:
+    """
+    Start a proxy; each server block listens on an ephemeral loopback port
+    unless it says otherwise.  The ports are in C{service.ports}.
+    """
+    blocks = [{"listen": f"tcp:0:interface={LOOPBACK}", "access_log": False, **block} for block in servers]
+    document = {"upstream": upstreams, "server": blocks, "shutdown_timeout": 1, **topLevel}
+    service = ProxyService(parseConfig(document, source="(test)"), reactor)
+    service.startService()
+    listening = [await listener.listeningPort() for listener in service.listeners]
+    service.ports = [port.getHost().port for port in listening]
+    return service
+
+
+async def stopProxy(service: ProxyService) -> None:
+    await service.stopService()
+
+
+def proxyTo(*upstreamPorts: int, **block: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The upstream table and server block for a proxy in front of C{upstreamPorts}."""
+    upstreams = {"app": {"servers": [f"{LOOPBACK}:{port}" for port in upstreamPorts]}}
+    return upstreams, {"proxy_pass": "http://app", **block}
+
+
+def listenEcho() -> Any:
+    """Autobahn's echo (with permessage-deflate) at /ws and a page at /."""
+    return reactor.listenTCP(0, echoSite(), interface=LOOPBACK)
+
+
+class ScriptedUpstream(Factory):
+    """
+    A raw upstream server: records each request head it receives and
+    answers with what C{answer(requestBytes, connection)} returns, once the
+    head (and any body named by Content-Length) is in.
+    """
+
+    noisy = False
+
+    def __init__(self, answer: Callable[[bytes, Any], bytes | None] | bytes, closeAfter: bool = True) -> None:
+        self.answer = answer if callable(answer) else (lambda request, connection: answer)
+        self.closeAfter = closeAfter
+        self.requests: list[bytes] = []
+        self.connections: list[ScriptedConnection] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        connection = ScriptedConnection()
+        connection.factory = self
+        self.connections.append(connection)
+        return connection
+
+
+class ScriptedConnection(Protocol):
+    factory: ScriptedUpstream
+
+    def connectionMade(self) -> None:
+        self.received = b""
+        self.answered = False
+        self.lost: Deferred = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if self.answered:
+            return
+        end = self.received.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.received[: end + 4]
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        if b"transfer-encoding: chunked" in head.lower():
+            if not self.received.endswith(b"0\r\n\r\n"):
+                return
+        elif len(self.received) < end + 4 + length:
+            return
+        self.answered = True
+        self.factory.requests.append(self.received)
+        reply = self.factory.answer(self.received, self)
+        if reply is not None:
+            self.transport.write(reply)
+            if self.factory.closeAfter:
+                self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+def listenScripted(answer: Callable[[bytes, Any], bytes | None] | bytes, closeAfter: bool = True) -> tuple[Any, ScriptedUpstream]:
+    factory = ScriptedUpstream(answer, closeAfter)
+    return reactor.listenTCP(0, factory, interface=LOOPBACK), factory
+
+
+def ok(body: bytes = b"hello", extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%b\r\n%b" % (len(body), extra, body)
+
+
+class RawClient(Protocol):
+    """Sends exact bytes; collects every byte that comes back."""
+
+    def __init__(self) -> None:
+        self.received = b""
+        self.closed: Deferred = Deferred()
+        self._waiters: list[tuple[Callable[[bytes], bool], Deferred]] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        for waiter in list(self._waiters):
+            if waiter[0](self.received):
+                self._waiters.remove(waiter)
+                waiter[1].callback(self.received)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        for _, waiting in self._waiters:
+            waiting.callback(self.received)
+        self._waiters = []
+        self.closed.callback(self.received)
+
+    def waitFor(self, predicate: Callable[[bytes], bool] | bytes, timeout: float = 5.0) -> Deferred:
+        """Fire with everything received once C{predicate} holds (or on close or timeout)."""
+        if isinstance(predicate, bytes):
+            marker = predicate
+            predicate = lambda received: marker in received  # noqa: E731
+        if predicate(self.received) or self.closed.called:
+            from twisted.internet.defer import succeed
+
+            return succeed(self.received)
+        waiting: Deferred = Deferred()
+        self._waiters.append((predicate, waiting))
+        waiting.addTimeout(timeout, reactor, onTimeoutCancel=lambda result, t: self.received)
+        return waiting
+
+    def waitClosed(self, timeout: float = 5.0) -> Deferred:
+        """Fire with everything received when the server closes, or C{None} on timeout."""
+        waiting: Deferred = Deferred()
+        self.closed.addBoth(lambda result: (waiting.called or waiting.callback(result), result)[1])
+        waiting.addTimeout(timeout, reactor, onTimeoutCancel=lambda result, t: None)
+        return waiting
+
+
+async def connectRaw(port: int) -> RawClient:
+    return await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port), RawClient())
+
+
+async def exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes | None:
+    """Send C{data}, return all that came back before the proxy closed (None if it did not)."""
+    client = await connectRaw(port)
+    client.transport.write(data)
+    received = await client.waitClosed(timeout)
+    if received is None:
+        client.transport.abortConnection()
+    return received
+
+
+def openFileDescriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def gather(*deferreds: Deferred) -> Deferred:
+    return DeferredList(list(deferreds), fireOnOneErrback=True, consumeErrors=True).addCallback(
+        lambda results: [value for _, value in results]
+    )
+
+
+__all__ = [
+    "LOOPBACK",
+    "RawClient",
+    "ScriptedUpstream",
+    "connectRaw",
+    "ensureDeferred",
+    "exchange",
+    "gather",
+    "listenEcho",
+    "listenScripted",
+    "ok",
+    "openFileDescriptors",
+    "proxyTo",
+    "sleep",
+    "startProxy",
+    "stopProxy",
+]
