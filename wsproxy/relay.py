@@ -385,7 +385,9 @@ class Exchange:
         if self._headSent:
             self.client.exchangeAborted()
             return
-        close = self.bodyPending or not self.request.keepAlive
+        # After a failed upgrade the client may already be sending frames
+        # that are not HTTP: the connection cannot be used again.
+        close = self.bodyPending or not self.request.keepAlive or self.request.upgrade is not None
         self.client.transport.write(
             errorResponse(status, message, self.settings.extraHeaders, close=close, head=self.request.method == b"HEAD")
         )

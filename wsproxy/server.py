@@ -14,6 +14,7 @@ limit.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
@@ -41,6 +42,9 @@ from .upstream import UpstreamPool
 __all__ = ["ListenerSettings", "ProxyFactory", "ProxyProtocol"]
 
 log = Logger()
+
+#: What the start of a request line can look like: a method token, then a space.
+_METHOD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*(?: |\Z)")
 
 #: How much a client may send ahead while its previous request is answered.
 PIPELINE_BUFFER = 65536
@@ -142,6 +146,8 @@ class ProxyProtocol(Protocol):
         try:
             end = findHeadEnd(buffer, settings.headLimit)
             if end < 0:
+                if _METHOD_PREFIX.match(buffer) is None:
+                    raise HTTPError(400, "this is not an HTTP request")
                 if len(buffer) > limits.maxRequestLine and buffer.find(CRLF, 0, limits.maxRequestLine + 2) < 0:
                     raise HTTPError(414, "request line too long")
                 if len(buffer) > settings.headLimit:
