@@ -205,6 +205,14 @@ def describe_machine() -> dict[str, str]:
     }
 
 
+def loadavg() -> str:
+    """1/5/15-minute load average: shows whether something else shared the CPUs."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, table: str,
                   results: dict[str, dict[str, list[dict[str, Any]]]], elapsed: float) -> None:
     raw = json.dumps(results, indent=1, sort_keys=True)
@@ -216,6 +224,7 @@ def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, ta
 - Software: Python {info['python']}, nginx {info['nginx']}, {info['wrk']}
 - Settings: {args.rounds} round(s), {args.duration:g} s per scenario after {args.warmup:g} s warm-up, {args.tunnels} idle tunnels; proxy on CPU {PROXY_CPU}, upstream + load generator on CPU {LOAD_CPU}; wall time {elapsed:.0f} s
 - wsproxy command: `{args.wsproxy_cmd}`
+- Load average at start / end: {args.load_start} / {loadavg()} (other processes on the machine share these CPUs and add noise)
 
 Medians over rounds. "direct" is the upstream without a proxy; its CPU rows are the
 upstream's own CPU. Proxy CPU = utime+stime of the proxy process and its children over
@@ -268,6 +277,7 @@ def main() -> None:
     raise_nofile()  # inherited by every child: 9,000 tunnels need ~18,000 fds
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
+    args.load_start = loadavg()
     work = Path(tempfile.mkdtemp(prefix="wsproxy-bench-"))
     results: dict[str, dict[str, list[dict[str, Any]]]] = {s: {t: [] for t in args.targets} for s in args.scenarios}
     try:

@@ -46,5 +46,7 @@ async def cleanup():
         if service.running:
             await stopProxy(service)
     for port in state.ports:
-        await port.stopListening()
+        stopping = port.stopListening()
+        if stopping is not None:
+            await stopping
 

@@ -79,37 +79,61 @@ class ScriptedUpstream(Factory):
 
 
 class ScriptedConnection(Protocol):
+    """
+    Answers each complete request on the connection in turn, until it
+    answers one with a 101 (after that, bytes are only recorded) or closes.
+    """
+
     factory: ScriptedUpstream
 
     def connectionMade(self) -> None:
         self.received = b""
+        self.pending = b""
         self.answered = False
+        self.switched = False
         self.lost: Deferred = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
-        if self.answered:
+        if self.switched:
             return
-        end = self.received.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = self.received[: end + 4]
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":", 1)[1])
-        if b"transfer-encoding: chunked" in head.lower():
-            if not self.received.endswith(b"0\r\n\r\n"):
+        self.pending += data
+        while not self.switched and self.transport.connected:
+            request = self._nextRequest()
+            if request is None:
                 return
-        elif len(self.received) < end + 4 + length:
-            return
-        self.answered = True
-        self.factory.requests.append(self.received)
-        reply = self.factory.answer(self.received, self)
-        if reply is not None:
+            self.answered = True
+            self.factory.requests.append(request)
+            reply = self.factory.answer(request, self)
+            if reply is None:
+                continue
             self.transport.write(reply)
-            if self.factory.closeAfter:
+            if reply.startswith(b"HTTP/1.1 101 "):
+                self.switched = True
+            elif self.factory.closeAfter:
                 self.transport.loseConnection()
+
+    def _nextRequest(self) -> bytes | None:
+        """Take one complete request (head and body) off the pending bytes."""
+        end = self.pending.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = self.pending[: end + 4]
+        if b"transfer-encoding: chunked" in head.lower():
+            last = self.pending.find(b"\r\n0\r\n\r\n", end)
+            if last < 0:
+                return None
+            size = last + 7
+        else:
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            size = end + 4 + length
+            if len(self.pending) < size:
+                return None
+        request, self.pending = self.pending[:size], self.pending[size:]
+        return request
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)

@@ -119,6 +119,9 @@ class ProxyService(MultiService):
             old = self.pools.get(name)
             if old is not None and old.upstream == pool.upstream:
                 pools[name] = old
+        for name, old in self.pools.items():
+            if pools.get(name) is not old:
+                old.closeIdle()
         self.pools = pools
         for listener, block in zip(self.listeners, config.servers):
             if listener.tls is not None:
@@ -144,6 +147,8 @@ class ProxyService(MultiService):
         factories = [listener.proxyFactory for listener in self.listeners]
         for factory in factories:
             factory.drain()
+        for pool in self.pools.values():
+            pool.closeIdle()
 
         def check() -> None:
             remaining = sum(len(getattr(f, "connections", ())) for f in factories)

@@ -110,6 +110,9 @@ class Exchange:
         self._closeAfter = False
         self._headSent = False
         self._done = False
+        self._reused = False
+        self._reusable = False
+        self._heard = False
 
     # The request
 
@@ -120,12 +123,13 @@ class Exchange:
         )
         self._connecting.addCallbacks(self._connected, self._connectFailed)
 
-    def _connected(self, result: tuple[Any, UpstreamProtocol]) -> None:
+    def _connected(self, result: tuple[Any, UpstreamProtocol, bool]) -> None:
         self._connecting = None
-        self.server, upstream = result
+        self.server, upstream, self._reused = result
         if self._done:
             upstream.transport.abortConnection()
             return
+        upstream.owner = self
         self.upstream = upstream
         self.connected = True
         client = self.client
@@ -164,7 +168,7 @@ class Exchange:
         if request.upgrade is not None:
             lines.append(b"Connection: Upgrade")
             lines.append(b"Upgrade: " + request.upgrade)
-        else:
+        elif not self.settings.pool.upstream.keepalive:
             lines.append(b"Connection: close")
         return CRLF.join(lines) + HEAD_END
 
@@ -205,6 +209,7 @@ class Exchange:
     def upstreamData(self, data: bytes) -> None:
         if self._done:
             return
+        self._heard = True
         if self._response is None:
             data = self._readHead(data)
             if data is None:
@@ -287,6 +292,7 @@ class Exchange:
                 self._writeBody(data)
             return
         if decoder.done:
+            self._reusable = not data
             self._finishResponse()
             return
         if not data:
@@ -299,6 +305,7 @@ class Exchange:
         if payload:
             self._writeBody(payload)
         if rest is not None:
+            self._reusable = not rest
             self._finishResponse()
 
     def _writeBody(self, payload: bytes) -> None:
@@ -308,7 +315,7 @@ class Exchange:
     def _finishResponse(self) -> None:
         if self._chunkedOut:
             self.client.transport.write(LAST_CHUNK)
-        self._end()
+        self._end(keep=self._reusable and self._response.keepAlive and not self.bodyPending)
         keepAlive = not (self._closeAfter or self.bodyPending)
         self.client.exchangeFinished(keepAlive)
 
@@ -346,6 +353,11 @@ class Exchange:
     def upstreamLost(self, reason: Failure) -> None:
         if self._done:
             return
+        if self._response is None and self._reused and not self._heard and not self.bodyPending and not (
+            self.request.chunked or self.request.bodyLength
+        ):
+            self._retryFresh()
+            return
         if self._response is None:
             self._badUpstream("the upstream closed the connection before responding")
         elif self._decoder is None and reason.check(ConnectionDone):
@@ -357,6 +369,23 @@ class Exchange:
             )
             self._end()
             self.client.exchangeAborted()
+
+    def _retryFresh(self) -> None:
+        """
+        A kept-alive connection was closed by the server as it was reused,
+        before any answer: send the request again on a new connection, as
+        nothing of it can have been processed.
+        """
+        self.client.transport.unregisterProducer()
+        self.client.gate.release("peer")
+        self.upstream = None
+        self.connected = False
+        self._reused = False
+        self._cancelTimer()
+        self._connecting = self.settings.pool.connect(
+            lambda: UpstreamProtocol(self), self.settings.block.proxy_connect_timeout, reuse=False
+        )
+        self._connecting.addCallbacks(self._connected, self._connectFailed)
 
     def clientLost(self) -> None:
         """The client went away: abandon the upstream side."""
@@ -393,8 +422,11 @@ class Exchange:
         )
         self.client.exchangeFinished(not close)
 
-    def _end(self, abort: bool = False) -> None:
-        """Release the upstream connection and log the exchange."""
+    def _end(self, abort: bool = False, keep: bool = False) -> None:
+        """
+        Release the upstream connection (back to the pool if C{keep} and
+        the pool has room) and log the exchange.
+        """
         self._done = True
         self._cancelTimer()
         if self._connecting is not None:
@@ -403,9 +435,10 @@ class Exchange:
         if upstream is not None:
             upstream.owner = _Detached
             upstream.transport.unregisterProducer()
+            upstream.gate.release("peer")
             if abort:
                 upstream.transport.abortConnection()
-            else:
+            elif not (keep and self.settings.pool.release(self.server, upstream)):
                 upstream.transport.loseConnection()
         if self.settings.block.access_log:
             log.info(

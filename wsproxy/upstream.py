@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
@@ -43,13 +43,15 @@ class UpstreamServer:
     within C{fail_timeout} seconds mark it down for C{fail_timeout} seconds.
     """
 
-    __slots__ = ("address", "_endpointFor", "_failures", "downUntil")
+    __slots__ = ("address", "_endpointFor", "_failures", "downUntil", "idle")
 
     def __init__(self, address: UpstreamAddress, endpointFor: Callable[[float], Any]) -> None:
         self.address = address
         self._endpointFor = endpointFor
         self._failures: deque[float] = deque()
         self.downUntil = 0.0
+        #: Idle keep-alive connections to this server, the most recent last.
+        self.idle: list[Any] = []
 
     def endpoint(self, timeout: float) -> Any:
         """A client endpoint to this server, with the given connect timeout."""
@@ -134,21 +136,47 @@ class UpstreamPool:
             return ordered
         return up + [s for s in ordered if not s.isUp(now)]
 
-    def connect(self, protocolFactory: Callable[[], IProtocol], timeout: float) -> Deferred:
+    def connect(self, protocolFactory: Callable[[], IProtocol], timeout: float, reuse: bool = True) -> Deferred:
         """
-        Connect a new protocol to the next server that accepts, trying each
-        server at most once.
+        Get a connection to the next server: an idle keep-alive one if it
+        has one (and C{reuse} is true), else a new protocol connected to the
+        first server that accepts, trying each server at most once.
 
-        @return: a L{Deferred} firing with C{(UpstreamServer, protocol)}, or
-            failing with L{NoUpstreamAvailable}.  Cancelling it abandons
-            the attempt in progress.
+        @return: a L{Deferred} firing with C{(UpstreamServer, protocol,
+            reused)}, or failing with L{NoUpstreamAvailable}.  Cancelling it
+            abandons the attempt in progress.
         """
-        return ensureDeferred(self._connect(protocolFactory, timeout))
+        order = self.pickOrder()
+        if reuse:
+            first = order[0]
+            while first.idle:
+                keeper = first.idle.pop()
+                if keeper.takeBack():
+                    return succeed((first, keeper.protocol, True))
+        return ensureDeferred(self._connect(order, protocolFactory, timeout))
 
-    async def _connect(self, protocolFactory: Callable[[], IProtocol], timeout: float) -> tuple:
+    def release(self, server: UpstreamServer, protocol: Any) -> bool:
+        """
+        Keep a connection whose exchange is complete for the next request
+        to C{server} (nginx C{keepalive}).
+
+        @return: whether it was kept; if not, the caller closes it.
+        """
+        if len(server.idle) >= self.upstream.keepalive:
+            return False
+        server.idle.append(_IdleConnection(self, server, protocol))
+        return True
+
+    def closeIdle(self) -> None:
+        """Close every idle keep-alive connection."""
+        for server in self.servers:
+            while server.idle:
+                server.idle.pop().close()
+
+    async def _connect(self, order: list[UpstreamServer], protocolFactory: Callable[[], IProtocol], timeout: float) -> tuple:
         upstream = self.upstream
         failures = []
-        for server in self.pickOrder():
+        for server in order:
             try:
                 protocol = await server.endpoint(timeout).connect(_OneConnection(protocolFactory()))
             except CancelledError:
@@ -166,8 +194,47 @@ class UpstreamPool:
                     )
                 continue
             server.succeeded()
-            return server, protocol
+            return server, protocol, False
         raise NoUpstreamAvailable(self.name, failures)
+
+
+class _IdleConnection:
+    """
+    Owns an upstream connection while it waits in the pool: a byte from the
+    server (there is no request to answer) or the idle timeout closes it,
+    and a close by the server removes it.
+    """
+
+    __slots__ = ("pool", "server", "protocol", "_timer")
+
+    def __init__(self, pool: UpstreamPool, server: UpstreamServer, protocol: Any) -> None:
+        self.pool = pool
+        self.server = server
+        self.protocol = protocol
+        protocol.owner = self
+        self._timer = pool._reactor.callLater(pool.upstream.keepalive_timeout, self.close)
+
+    def takeBack(self) -> bool:
+        """Leave the pool for a new exchange; false if the connection is gone."""
+        if self._timer.active():
+            self._timer.cancel()
+        return self.protocol.connected
+
+    def close(self) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        if self in self.server.idle:
+            self.server.idle.remove(self)
+        self.protocol.transport.loseConnection()
+
+    def upstreamData(self, data: bytes) -> None:
+        self.close()
+
+    def upstreamLost(self, reason: Any) -> None:
+        if self._timer.active():
+            self._timer.cancel()
+        if self in self.server.idle:
+            self.server.idle.remove(self)
 
 
 class _OneConnection(Factory):
