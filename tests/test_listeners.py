@@ -19,7 +19,7 @@ from support import connectRaw, exchange, listenScripted, ok, proxyTo, sleep, st
 from test_tap import ENVIRONMENT, TWISTD, freePort
 from test_tunnel import switching, upgradeRequest
 from wsproxy import parseConfig
-from wsproxy.tap import _ReloadOnHangup
+from wsproxy.tap import reloadFrom
 
 GET_CLOSE = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
 
@@ -103,8 +103,7 @@ async def test_a_bad_file_on_reload_keeps_the_running_configuration(cleanup, tmp
     proxy = cleanup.service(await startProxy(upstreams, block))
     path = tmp_path / "wsproxy.toml"
     path.write_text("[[server]]\nlisten = 'tcp:0'\nproxy_pass = 'http://nowhere'\n")
-    hangup = _ReloadOnHangup(proxy, str(path))
-    assert hangup.reload() is False
+    assert reloadFrom(proxy, str(path)) is False
     assert (await exchange(proxy.ports[0], GET_CLOSE)).endswith(b"kept")
 
 

@@ -7,7 +7,7 @@ connections on shutdown.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -32,16 +32,29 @@ class Listener(StreamServerEndpointService):
     listener) its swappable certificates.
     """
 
-    def __init__(self, block: ServerBlock, factory: Any, reactor: Any, tls: ServerTLS | None) -> None:
+    def __init__(
+        self, block: ServerBlock, factory: Any, reactor: Any, tls: ServerTLS | None, endpoint: Any = None
+    ) -> None:
         self.block = block
         self.proxyFactory = factory
         self.tls = tls
-        endpoint = serverFromString(reactor, block.listen)
+        if endpoint is None:
+            endpoint = serverFromString(reactor, block.listen)
         if tls is not None:
             factory = tls.wrapFactory(factory)
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.setName(block.listen)
+
+    def startService(self) -> None:
+        super().startService()
+        if self.tls is not None:
+            self.tls.startWatching()
+
+    def stopService(self) -> Deferred:
+        if self.tls is not None:
+            self.tls.stopWatching()
+        return super().stopService()
 
     def listeningPort(self) -> Deferred:
         """
@@ -70,7 +83,12 @@ class ProxyService(MultiService):
     L{reload}.
     """
 
-    def __init__(self, config: Config, reactor: Any = None) -> None:
+    def __init__(self, config: Config, reactor: Any = None, endpoints: Sequence[Any] | None = None) -> None:
+        """
+        @param endpoints: one server endpoint per C{[[server]]} block, to use
+            instead of parsing their C{listen} (a worker process adopting
+            sockets its parent bound).
+        """
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -81,8 +99,8 @@ class ProxyService(MultiService):
         self.pools: dict[str, UpstreamPool] = {}
         self.listeners: list[Listener] = []
         self.pools = self._makePools(config)
-        for block in config.servers:
-            listener = self._makeListener(block)
+        for index, block in enumerate(config.servers):
+            listener = self._makeListener(block, endpoints[index] if endpoints else None)
             listener.setServiceParent(self)
             self.listeners.append(listener)
 
@@ -97,11 +115,11 @@ class ProxyService(MultiService):
             return RedirectSettings(block)
         return ListenerSettings(block, self.pools[block.upstream], self.reactor, secure=tls is not None)
 
-    def _makeListener(self, block: ServerBlock) -> Listener:
+    def _makeListener(self, block: ServerBlock, endpoint: Any = None) -> Listener:
         tls = ServerTLS(block, self.reactor) if block.isTLS else None
         settings = self._settingsFor(block, tls)
         factory = RedirectFactory(settings, self.reactor) if block.isRedirect else ProxyFactory(settings)
-        return Listener(block, factory, self.reactor, tls)
+        return Listener(block, factory, self.reactor, tls, endpoint)
 
     def reload(self, config: Config) -> None:
         """

@@ -11,9 +11,9 @@ logged and the running configuration stays in force.
 from __future__ import annotations
 
 import signal
-from typing import Any
+from typing import Any, Callable
 
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -60,51 +60,57 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         return makeDemoService(options["demo-port"], reactor)
     path = options["config"]
+    top = MultiService()
     try:
-        service = makeProxyService(loadConfig(path), reactor)
+        config = loadConfig(path)
+        if config.workers > 1:
+            from .workers import WorkerPool
+
+            pool = WorkerPool(path, config, reactor)
+            pool.setServiceParent(top)
+            OnHangup(reactor, lambda: pool.signalWorkers("HUP")).setServiceParent(top)
+            return top
+        service = makeProxyService(config, reactor)
     except (ConfigError, TLSConfigError) as e:
         raise SystemExit(f"wsproxy: {e}" if isinstance(e, ConfigError) else f"wsproxy: {path}: {e}") from None
-    top = MultiService()
     service.setServiceParent(top)
-    _ReloadOnHangup(service, path).setServiceParent(top)
+    OnHangup(reactor, lambda: reloadFrom(service, path)).setServiceParent(top)
     return top
 
 
-class _ReloadOnHangup(MultiService):
-    """Reloads the configuration file on SIGHUP while the proxy runs."""
+def reloadFrom(proxy: ProxyService, path: str) -> bool:
+    """
+    Load the file at C{path} again and apply it to C{proxy}; keep the
+    running configuration if it does not load.
+    """
+    try:
+        proxy.reload(loadConfig(path))
+    except (ConfigError, TLSConfigError, ValueError) as e:
+        log.error("reload rejected, the running configuration stays: {why}", why=e)
+        return False
+    return True
 
-    def __init__(self, proxy: ProxyService, path: str) -> None:
-        super().__init__()
-        self.proxy = proxy
-        self.path = path
+
+class OnHangup(Service):
+    """Runs an action in the reactor thread on each SIGHUP while running."""
+
+    def __init__(self, reactor: Any, action: Callable[[], object]) -> None:
+        self.reactor = reactor
+        self.action = action
         self._previous: Any = None
 
     def startService(self) -> None:
         super().startService()
-        for listener in self.proxy.listeners:
-            if listener.tls is not None:
-                listener.tls.startWatching()
         try:
             self._previous = signal.signal(signal.SIGHUP, self._hangup)
         except ValueError:
             self._previous = None
 
     def stopService(self) -> Any:
-        for listener in self.proxy.listeners:
-            if listener.tls is not None:
-                listener.tls.stopWatching()
         if self._previous is not None:
             signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
         return super().stopService()
 
     def _hangup(self, signum: int, frame: Any) -> None:
-        self.proxy.reactor.callFromThread(self.reload)
-
-    def reload(self) -> bool:
-        """Load the file again and apply it; keep the old one if it fails."""
-        try:
-            self.proxy.reload(loadConfig(self.path))
-        except (ConfigError, TLSConfigError, ValueError) as e:
-            log.error("reload rejected, the running configuration stays: {why}", why=e)
-            return False
-        return True
+        self.reactor.callFromThread(self.action)
