@@ -152,6 +152,9 @@ _TIME = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d)?$")
 _TIME_UNITS = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}
 _TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 _REDIRECT_CODES = ("301", "302", "303", "307", "308")
+#: nginx variables a C{return} URL may use (C{$name} or C{${name}}).
+_RETURN_VARIABLES = ("host", "request_uri", "scheme", "server_port", "server_name")
+_RETURN_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
 
@@ -328,9 +331,17 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
         code, _, target = returnValue.partition(" ")
         if code not in _REDIRECT_CODES or not target.strip():
             raise reader.fail("return", f"expected \"CODE URL\" with CODE one of {', '.join(_REDIRECT_CODES)}")
+        if not re.fullmatch(r"[\x21-\x7e]+", target.strip()):
+            raise reader.fail("return", "the URL must be ASCII without spaces or control characters (punycode an IDN)")
+        unknown = sorted(set(_RETURN_VARIABLE.findall(target)) - set(_RETURN_VARIABLES))
+        if unknown:
+            known = ", ".join("$" + name for name in _RETURN_VARIABLES)
+            raise reader.fail("return", f"unknown variable ${unknown[0]} (use {known})")
         values["return_"] = f"{code} {target.strip()}"
     root = reader.get("acme_challenge_root", str)
     if root is not None:
+        if returnValue is None:
+            raise reader.fail("acme_challenge_root", "only a redirect listener (return = ...) serves challenge files")
         if not Path(root).is_dir():
             raise reader.fail("acme_challenge_root", f"not a directory: {root!r}")
         values["acme_challenge_root"] = root
@@ -349,7 +360,6 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
         ("max_request_line", 8192),
         ("max_header_size", 32768),
         ("client_max_body_size", 0),
-        ("ssl_session_cache", 10 * 1024 * 1024),
     ):
         values[key] = reader.size(key, default)
     values["max_headers"] = reader.count("max_headers", 100, minimum=1)
@@ -417,12 +427,45 @@ def _readTLS(reader: _Reader, values: dict[str, Any]) -> None:
     if not protocols:
         raise reader.fail("ssl_protocols", "needs at least one protocol")
     values["ssl_protocols"] = protocols
-    values["ssl_ciphers"] = reader.get("ssl_ciphers", str)
+    ciphers = reader.get("ssl_ciphers", str)
+    if ciphers is not None and (not ciphers.strip() or not ciphers.isascii()):
+        raise reader.fail("ssl_ciphers", "expected an OpenSSL cipher string such as \"ECDHE+AESGCM\"")
+    values["ssl_ciphers"] = ciphers
     values["ssl_prefer_server_ciphers"] = reader.get("ssl_prefer_server_ciphers", bool, True)
+    values["ssl_session_cache"] = _sessionCache(reader)
     if certificate is None:
-        for name in ("ssl_protocols", "ssl_ciphers", "ssl_certificates"):
+        for name in ("ssl_protocols", "ssl_ciphers", "ssl_certificates", "ssl_session_cache"):
             if name in reader.table:
                 raise reader.fail(name, "needs ssl_certificate and ssl_certificate_key")
+
+
+def _sessionCache(reader: _Reader) -> int:
+    """
+    C{ssl_session_cache} in nginx's syntax: C{"off"}/C{"none"} (0), a size
+    (C{"10m"}), C{"builtin[:SESSIONS]"} or C{"shared:NAME:SIZE"}; a cache
+    is on when the result is not 0.  OpenSSL's own cache is used in every
+    case (pyOpenSSL cannot size it; see the README).
+    """
+    value = reader.get("ssl_session_cache", (int, str), 10 * 1024 * 1024)
+    if isinstance(value, int):
+        if value < 0:
+            raise reader.fail("ssl_session_cache", "must not be negative")
+        return value
+    text = value.strip().lower()
+    if text in ("off", "none"):
+        return 0
+    if text == "builtin":
+        return 10 * 1024 * 1024
+    kind, _, rest = text.partition(":")
+    if kind == "builtin" and rest.isdigit():
+        return int(rest)
+    if kind == "shared":
+        name, _, size = rest.partition(":")
+        text = size if name else ""
+    match = _SIZE.match(text)
+    if match is None:
+        raise reader.fail("ssl_session_cache", f"not a cache size: {value!r} (use \"10m\", \"shared:SSL:10m\" or \"off\")")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
 def _readable(path: str) -> bool:

@@ -44,17 +44,6 @@ class Listener(StreamServerEndpointService):
             factory = tls.wrapFactory(factory)
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
-        self.setName(block.listen)
-
-    def startService(self) -> None:
-        super().startService()
-        if self.tls is not None:
-            self.tls.startWatching()
-
-    def stopService(self) -> Deferred:
-        if self.tls is not None:
-            self.tls.stopWatching()
-        return super().stopService()
 
     def listeningPort(self) -> Deferred:
         """
@@ -101,6 +90,7 @@ class ProxyService(MultiService):
         self.pools = self._makePools(config)
         for index, block in enumerate(config.servers):
             listener = self._makeListener(block, endpoints[index] if endpoints else None)
+            listener.setName(f"server[{index}] {block.listen}")
             listener.setServiceParent(self)
             self.listeners.append(listener)
 
@@ -132,6 +122,9 @@ class ProxyService(MultiService):
         """
         if [b.listen for b in config.servers] != [listener.block.listen for listener in self.listeners]:
             raise ValueError("the listen addresses changed; restart wsproxy to change listeners")
+        for listener, block in zip(self.listeners, config.servers):
+            if listener.tls is not None and not listener.tls.reconfigure(block):
+                raise ValueError(f"{block.listen}: the TLS settings did not load (see the log)")
         pools = self._makePools(config)
         for name, pool in pools.items():
             old = self.pools.get(name)
@@ -142,8 +135,6 @@ class ProxyService(MultiService):
                 old.closeIdle()
         self.pools = pools
         for listener, block in zip(self.listeners, config.servers):
-            if listener.tls is not None:
-                listener.tls.reconfigure(block)
             listener.block = block
             listener.proxyFactory.settings = self._settingsFor(block, listener.tls)
         self.config = config

@@ -37,6 +37,7 @@ from .http import (
     parseResponseHead,
     websocketAccept,
 )
+from .tls import describeTLSFailure
 from .tunnel import Tunnel, setNoDelay
 from .upstream import NoUpstreamAvailable
 
@@ -359,7 +360,12 @@ class Exchange:
             self._retryFresh()
             return
         if self._response is None:
-            self._badUpstream("the upstream closed the connection before responding")
+            why = describeTLSFailure(reason)
+            if why is not None:
+                log.error("{client} {method} {target}: upstream {upstream}: {why}", why=why, **self._logFields())
+                self.fail(502, "the TLS connection to the upstream failed")
+            else:
+                self._badUpstream("the upstream closed the connection before responding")
         elif self._decoder is None and reason.check(ConnectionDone):
             self._finishResponse()
         else:

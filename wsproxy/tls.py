@@ -10,6 +10,13 @@ L{ServerTLS} object is the listener's L{IOpenSSLServerConnectionCreator}:
 each new connection gets the I{current} context, so swapping the context
 renews the certificate for new handshakes while established connections
 and tunnels keep theirs.
+
+L{ServerTLS.wrapFactory} puts a listener's factory behind TLS with two
+things L{TLSMemoryBIOFactory} does not do on its own: a deadline for the
+handshake (C{ssl_handshake_timeout}), and watching the certificate files
+for as long as the listening port is open, so that whoever starts the
+listener (C{twistd}, a C{.tac} file, an embedding program, a test) gets
+certificate renewal without having to remember to ask for it.
 """
 
 from __future__ import annotations
@@ -17,22 +24,38 @@ from __future__ import annotations
 import os
 from typing import Any, Callable
 
-from OpenSSL import SSL, crypto
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from OpenSSL import SSL
+from service_identity import VerificationError
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust, trustRootFromCertificates
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import ServerBlock, Upstream, UpstreamAddress
 
-__all__ = ["ServerTLS", "TLSConfigError", "buildContext", "upstreamTLSOptions"]
+__all__ = [
+    "DEFAULT_CIPHERS",
+    "ServerTLS",
+    "ServerTLSFactory",
+    "TLSConfigError",
+    "buildContext",
+    "describeTLSFailure",
+    "upstreamTLSOptions",
+]
 
 log = Logger()
 
-#: Forward secrecy and AEAD only, for TLS 1.2 (TLS 1.3 suites are always AEAD).
+#: Forward secrecy and AEAD only, for TLS 1.2 (TLS 1.3 suites are always
+#: AEAD and are not chosen by this string).
 DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
+
+#: Added to the default list only when TLSv1 or TLSv1.1 is enabled: those
+#: versions have no AEAD suite, so without CBC suites they could never be
+#: negotiated although configured.
+LEGACY_CIPHERS = "ECDHE+AES:!aNULL:!eNULL:!MD5:!DSS"
 
 _VERSIONS = {
     "TLSv1": SSL.TLS1_VERSION,
@@ -40,6 +63,19 @@ _VERSIONS = {
     "TLSv1.2": SSL.TLS1_2_VERSION,
     "TLSv1.3": SSL.TLS1_3_VERSION,
 }
+
+#: The option that switches each version off, for a list with gaps
+#: (C{["TLSv1", "TLSv1.3"]}): a minimum and a maximum alone would allow
+#: the versions in between.
+_VERSION_OFF = {
+    SSL.TLS1_VERSION: SSL.OP_NO_TLSv1,
+    SSL.TLS1_1_VERSION: SSL.OP_NO_TLSv1_1,
+    SSL.TLS1_2_VERSION: SSL.OP_NO_TLSv1_2,
+    SSL.TLS1_3_VERSION: SSL.OP_NO_TLSv1_3,
+}
+
+#: RFC 8996 deprecates these; they are only enabled when configured.
+LEGACY_PROTOCOLS = ("TLSv1", "TLSv1.1")
 
 #: How often certificate files are checked for renewal, in seconds.
 WATCH_INTERVAL = 2.0
@@ -49,55 +85,83 @@ class TLSConfigError(ValueError):
     """A TLS setting that OpenSSL refuses; the message names the key."""
 
 
-def _load(context: SSL.Context, certificate: str, key: str) -> None:
+def _load(context: SSL.Context, certificate: str, key: str, certificateKey: str, keyKey: str) -> None:
+    """
+    Load a chain and its private key into C{context}, naming the
+    configuration key (C{certificateKey} or C{keyKey}) of whatever fails.
+    """
+    for path, name in ((certificate, certificateKey), (key, keyKey)):
+        # OpenSSL reports an unreadable file as "system lib"; ask the OS.
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise TLSConfigError(f"{name}: cannot read {path!r}: {e.strerror}") from None
     try:
         context.use_certificate_chain_file(certificate)
-    except (SSL.Error, OSError) as e:
-        raise TLSConfigError(f"ssl_certificate: cannot load {certificate!r}: {_why(e)}") from None
+    except SSL.Error as e:
+        raise TLSConfigError(f"{certificateKey}: cannot load {certificate!r}: {_why(e)}") from None
     try:
         context.use_privatekey_file(key)
-    except (SSL.Error, OSError) as e:
-        raise TLSConfigError(f"ssl_certificate_key: cannot load {key!r}: {_why(e)}") from None
-    try:
         context.check_privatekey()
-    except SSL.Error:
-        raise TLSConfigError(f"ssl_certificate_key: {key!r} does not match the certificate {certificate!r}") from None
+    except SSL.Error as e:
+        if "mismatch" in _why(e) or not isinstance(e.args[0], list) or not e.args[0]:
+            raise TLSConfigError(f"{keyKey}: {key!r} does not match the certificate {certificate!r}") from None
+        raise TLSConfigError(f"{keyKey}: cannot load {key!r}: {_why(e)}") from None
 
 
 def _why(error: Exception) -> str:
+    """The most specific reason OpenSSL (or the OS) gave, as one short phrase."""
     if isinstance(error, SSL.Error) and error.args and isinstance(error.args[0], list) and error.args[0]:
         return str(error.args[0][-1][-1])
-    return getattr(error, "strerror", None) or str(error)
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
-def buildContext(block: ServerBlock, certificate: str, key: str) -> SSL.Context:
+def buildContext(
+    block: ServerBlock,
+    certificate: str,
+    key: str,
+    certificateKey: str = "ssl_certificate",
+    keyKey: str = "ssl_certificate_key",
+) -> SSL.Context:
     """
     A server context for C{block} with the given certificate chain and key.
+
+    @param certificateKey: the configuration key to name if the chain does
+        not load (an C{ssl_certificates} entry has its own).
+    @param keyKey: likewise for the private key.
 
     @raise TLSConfigError: naming the key that OpenSSL refused.
     """
     context = SSL.Context(SSL.TLS_SERVER_METHOD)
     versions = sorted(_VERSIONS[name] for name in block.ssl_protocols)
+    legacy = versions[0] < SSL.TLS1_2_VERSION
     context.set_min_proto_version(versions[0])
     context.set_max_proto_version(versions[-1])
-    if versions[0] < SSL.TLS1_2_VERSION:
-        context.set_cipher_list(b"DEFAULT:@SECLEVEL=0")
     options = SSL.OP_NO_COMPRESSION | SSL.OP_SINGLE_ECDH_USE | SSL.OP_NO_RENEGOTIATION
+    for version in range(versions[0], versions[-1] + 1):
+        if version in _VERSION_OFF and version not in versions:
+            options |= _VERSION_OFF[version]
     if block.ssl_prefer_server_ciphers:
         options |= SSL.OP_CIPHER_SERVER_PREFERENCE
     context.set_options(options)
-    ciphers = block.ssl_ciphers or DEFAULT_CIPHERS
-    if versions[0] < SSL.TLS1_2_VERSION:
+    ciphers = block.ssl_ciphers or (DEFAULT_CIPHERS + ":" + LEGACY_CIPHERS if legacy else DEFAULT_CIPHERS)
+    if legacy:
+        # OpenSSL 3 refuses TLS 1.0/1.1 handshakes (SHA-1 signatures) at the
+        # default security level; the operator asked for them explicitly.
         ciphers += ":@SECLEVEL=0"
     try:
         context.set_cipher_list(ciphers.encode("ascii"))
-    except SSL.Error:
+    except (SSL.Error, UnicodeEncodeError):
         raise TLSConfigError(f"ssl_ciphers: OpenSSL accepts no cipher in {block.ssl_ciphers!r}") from None
-    _load(context, certificate, key)
+    _load(context, certificate, key, certificateKey, keyKey)
     if block.ssl_session_cache:
+        # Session IDs (TLS 1.2) are kept in OpenSSL's in-process cache; TLS
+        # 1.2 and 1.3 tickets are encrypted with this context's ticket key.
+        # Both expire after ssl_session_timeout.
         context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
         context.set_session_id(b"wsproxy")
-        context.set_timeout(int(block.ssl_session_timeout))
+        context.set_timeout(max(1, int(block.ssl_session_timeout)))
     else:
         context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         context.set_options(SSL.OP_NO_TICKET)
@@ -106,6 +170,10 @@ def buildContext(block: ServerBlock, certificate: str, key: str) -> SSL.Context:
 
 
 def _selectHTTP11(connection: SSL.Connection, offered: list[bytes]) -> bytes:
+    """
+    ALPN: wsproxy speaks HTTP/1.1 only.  A client that offers only other
+    protocols gets no ALPN answer rather than a fatal alert, as nginx does.
+    """
     return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
@@ -115,6 +183,8 @@ class ServerTLS:
     The TLS side of one listener: a context per certificate (the default
     one and one per SNI name), swapped in place when the files change or
     on L{reload}.
+
+    @ivar block: the configuration the current contexts were built from.
     """
 
     def __init__(self, block: ServerBlock, reactor: Any) -> None:
@@ -122,52 +192,95 @@ class ServerTLS:
         self.block = block
         self._contexts: dict[str, SSL.Context] = {}
         self._default: SSL.Context = None  # type: ignore[assignment]
-        self._stamps: dict[str, tuple[float, int]] = {}
+        self._stamps: dict[str, tuple[int, ...]] = {}
         self._build(block)
+        self._warnLegacy(block)
         self._watcher = LoopingCall(self.reloadIfChanged)
         self._watcher.clock = reactor
 
-    def _files(self, block: ServerBlock) -> list[str]:
+    @staticmethod
+    def _warnLegacy(block: ServerBlock) -> None:
+        legacy = [name for name in block.ssl_protocols if name in LEGACY_PROTOCOLS]
+        if legacy:
+            log.warn(
+                "{listen}: ssl_protocols enables {legacy}, deprecated by RFC 8996; "
+                "enable them only for clients that cannot do TLSv1.2",
+                listen=block.listen,
+                legacy=", ".join(legacy),
+            )
+
+    @staticmethod
+    def _files(block: ServerBlock) -> list[str]:
         files = [block.ssl_certificate, block.ssl_certificate_key]
         for _, certificate, key in block.ssl_certificates:
             files += [certificate, key]
-        return files
+        return [path for path in files if path is not None]
 
     def _build(self, block: ServerBlock) -> None:
         """Build every context for C{block}; replace the current ones only if all load."""
         stamps = {path: _stamp(path) for path in self._files(block)}
+        assert block.ssl_certificate is not None and block.ssl_certificate_key is not None
         default = buildContext(block, block.ssl_certificate, block.ssl_certificate_key)
-        contexts = {name: buildContext(block, cert, key) for name, cert, key in block.ssl_certificates}
+        contexts = {
+            name: buildContext(block, cert, key, f"ssl_certificates[{i}].certificate", f"ssl_certificates[{i}].key")
+            for i, (name, cert, key) in enumerate(block.ssl_certificates)
+        }
         for context in [default, *contexts.values()]:
             context.set_tlsext_servername_callback(self._pickBySNI)
         self._default, self._contexts, self._stamps, self.block = default, contexts, stamps, block
 
     def _pickBySNI(self, connection: SSL.Connection) -> None:
+        """
+        Switch C{connection} to the certificate for the name the client
+        asked for: an exact C{server_name} first, then a C{*.parent}
+        wildcard one label deep (as in X.509), else the default.
+        """
         name = connection.get_servername()
         if name is None:
             return
-        context = self._contexts.get(name.decode("ascii", "replace").lower())
+        wanted = name.decode("ascii", "replace").lower().rstrip(".")
+        context = self._contexts.get(wanted)
         if context is None:
-            labels = name.decode("ascii", "replace").lower().split(".", 1)
-            if len(labels) == 2:
-                context = self._contexts.get("*." + labels[1])
+            _, dot, parent = wanted.partition(".")
+            if dot and parent:
+                context = self._contexts.get("*." + parent)
         if context is not None:
             connection.set_context(context)
 
     def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        return SSL.Connection(self._default, None)
+        """
+        A connection on the I{current} default context; SNI may switch it.
+        When C{protocol} wants to know (L{ServerTLSFactory}'s protocols do),
+        it is told as soon as the handshake is complete.
+        """
+        connection = SSL.Connection(self._default, None)
+        finished = getattr(protocol, "handshakeFinished", None)
+        if finished is not None:
 
-    def wrapFactory(self, factory: Any) -> TLSMemoryBIOFactory:
+            def notify(connection: SSL.Connection, where: int, ret: int) -> None:
+                if where & SSL.SSL_CB_HANDSHAKE_DONE:
+                    finished()
+
+            connection.set_info_callback(notify)
+        return connection
+
+    def wrapFactory(self, factory: IProtocolFactory) -> ServerTLSFactory:
         """C{factory} behind TLS with this object's current certificates."""
-        return TLSMemoryBIOFactory(self, False, factory)
+        return ServerTLSFactory(self, factory)
 
     def startWatching(self) -> None:
+        """Check the certificate files for changes every L{WATCH_INTERVAL} seconds."""
         if not self._watcher.running:
             self._watcher.start(WATCH_INTERVAL, now=False)
 
     def stopWatching(self) -> None:
         if self._watcher.running:
             self._watcher.stop()
+
+    @property
+    def watching(self) -> bool:
+        """Whether the certificate files are being watched."""
+        return bool(self._watcher.running)
 
     def reloadIfChanged(self) -> None:
         """Reload if any certificate or key file changed on disk."""
@@ -182,9 +295,17 @@ class ServerTLS:
         return self.reconfigure(self.block)
 
     def reconfigure(self, block: ServerBlock) -> bool:
+        """
+        Rebuild the contexts from C{block} (a reloaded configuration, or
+        the same one when only the files changed).
+
+        @return: whether the new contexts are in use.
+        """
         try:
             self._build(block)
         except TLSConfigError as e:
+            # Remember what failed, so that a broken renewal is reported once
+            # and not every WATCH_INTERVAL; the next change is tried again.
             self._stamps = {path: _stamp(path) for path in self._files(block)}
             log.error("TLS reload for {listen} failed, keeping the old certificate: {why}", listen=block.listen, why=e)
             return False
@@ -192,12 +313,83 @@ class ServerTLS:
         return True
 
 
-def _stamp(path: str) -> tuple[float, int]:
+class _HandshakeDeadline(BufferingTLSTransport):
+    """
+    A server-side TLS connection that is aborted if its handshake does not
+    complete within C{ssl_handshake_timeout} seconds.
+
+    L{TLSMemoryBIOProtocol} has no timeout of its own, and the HTTP
+    protocol above it only counts from the start of a request: without this,
+    a client that connects and says nothing (or a few bytes of a
+    ClientHello) holds a socket and a TLS object for as long as it likes.
+    """
+
+    factory: ServerTLSFactory
+    _deadline: IDelayedCall | None = None
+
+    def makeConnection(self, transport: Any) -> None:
+        seconds = self.factory.serverTLS.block.ssl_handshake_timeout
+        if seconds:
+            self._deadline = self.factory.serverTLS.reactor.callLater(seconds, self._handshakeTimedOut)
+        super().makeConnection(transport)
+
+    def handshakeFinished(self) -> None:
+        """Called by L{ServerTLS} when OpenSSL reports the handshake done."""
+        self._cancelDeadline()
+
+    def _cancelDeadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _handshakeTimedOut(self) -> None:
+        self._deadline = None
+        peer = self.transport.getPeer()
+        log.info(
+            "{client}: TLS handshake not completed within {seconds}s; connection closed",
+            client=getattr(peer, "host", "-"),
+            seconds=self.factory.serverTLS.block.ssl_handshake_timeout,
+        )
+        self.abortConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._cancelDeadline()
+        super().connectionLost(reason)
+
+
+class ServerTLSFactory(TLSMemoryBIOFactory):
+    """
+    A listener's factory behind TLS: handshakes have a deadline, and the
+    certificate files are watched while the factory listens (Twisted calls
+    L{startFactory} when the port starts listening and L{stopFactory} when
+    it stops, whoever started it).
+    """
+
+    protocol = _HandshakeDeadline
+
+    def __init__(self, serverTLS: ServerTLS, wrappedFactory: IProtocolFactory) -> None:
+        super().__init__(serverTLS, False, wrappedFactory, clock=serverTLS.reactor)
+        self.serverTLS = serverTLS
+
+    def startFactory(self) -> None:
+        self.serverTLS.startWatching()
+
+    def stopFactory(self) -> None:
+        self.serverTLS.stopWatching()
+
+
+def _stamp(path: str) -> tuple[int, ...]:
+    """
+    What identifies a file's content cheaply: certbot replaces the symbolic
+    link C{live/NAME/fullchain.pem} to point at a new file (new inode);
+    other tools rewrite in place (new mtime, usually a new size).
+    """
     try:
         status = os.stat(path)
     except OSError:
-        return (0.0, 0)
-    return (status.st_mtime, status.st_size)
+        return ()
+    return (status.st_mtime_ns, status.st_size, status.st_ino, status.st_dev)
 
 
 def upstreamTLSOptions(upstream: Upstream) -> Callable[[UpstreamAddress], Any] | None:
@@ -206,16 +398,31 @@ def upstreamTLSOptions(upstream: Upstream) -> Callable[[UpstreamAddress], Any] |
     service-identity against C{proxy_ssl_trusted_certificate} (or the
     platform's trust store), for the name C{proxy_ssl_name} (or the
     server's host).
+
+    No ALPN is offered: an upstream that sets up ALPN without
+    C{http/1.1} (Twisted's own C{CertificateOptions} does, and answers a
+    list it has no overlap with by an C{internal_error} alert) would fail
+    every handshake, and an upstream that offers nothing is assumed to
+    speak HTTP/1.1 anyway.
+
+    @raise TLSConfigError: if the CA bundle holds no usable certificate.
     """
     if not any(address.tls for address in upstream.servers):
         return None
+    key = f"upstream.{upstream.name}.proxy_ssl_trusted_certificate"
     if upstream.proxy_ssl_trusted_certificate:
-        with open(upstream.proxy_ssl_trusted_certificate, "rb") as f:
-            pem = f.read()
-        certificates = [
-            Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + part)
-            for part in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
-        ]
+        path = upstream.proxy_ssl_trusted_certificate
+        try:
+            with open(path, "rb") as f:
+                pem = f.read()
+            marker = b"-----BEGIN CERTIFICATE-----"
+            certificates = [Certificate.loadPEM(marker + part) for part in pem.split(marker)[1:]]
+        except OSError as e:
+            raise TLSConfigError(f"{key}: cannot read {path!r}: {_why(e)}") from None
+        except Exception as e:  # pyOpenSSL's crypto.Error, or ValueError from cryptography
+            raise TLSConfigError(f"{key}: not a PEM certificate bundle {path!r}: {_why(e)}") from None
+        if not certificates:
+            raise TLSConfigError(f"{key}: no certificate in {path!r}")
         trustRoot = trustRootFromCertificates(certificates)
     else:
         trustRoot = platformTrust()
@@ -227,5 +434,18 @@ def upstreamTLSOptions(upstream: Upstream) -> Callable[[UpstreamAddress], Any] |
     return optionsFor
 
 
-def _unused(_: Any = crypto) -> None:
-    """Keep pyOpenSSL's crypto module imported for its error registration."""
+def describeTLSFailure(reason: Failure) -> str | None:
+    """
+    Why a TLS connection ended, in words for a log line, if TLS is what
+    ended it; C{None} for an ordinary close or network error.
+
+    Twisted reports a chain that does not verify as the
+    L{SSL.Error} OpenSSL raised during the handshake, and a certificate for
+    the wrong name as service-identity's L{VerificationError}.
+    """
+    if reason.check(VerificationError):
+        errors = getattr(reason.value, "errors", None) or [reason.value]
+        return "TLS certificate verification failed: " + "; ".join(str(e) for e in errors)
+    if reason.check(SSL.Error):
+        return "TLS handshake failed: " + _why(reason.value)
+    return None

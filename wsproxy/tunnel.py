@@ -129,8 +129,15 @@ class Tunnel:
 
     def close(self) -> None:
         """Close both sides once their pending data is written."""
-        self.client.transport.loseConnection()
-        self.upstream.transport.loseConnection()
+        self._closeSide(self.client.transport)
+        self._closeSide(self.upstream.transport)
+
+    @staticmethod
+    def _closeSide(transport: Any) -> None:
+        # A TLS transport does not shut down while a producer is registered
+        # with it, and the peer is gone: let go of it first.
+        transport.unregisterProducer()
+        transport.loseConnection()
 
     def abort(self) -> None:
         """Drop both sides now."""
@@ -139,11 +146,11 @@ class Tunnel:
 
     def clientLost(self, reason: Failure | None = None) -> None:
         self._ended("client")
-        self.upstream.transport.loseConnection()
+        self._closeSide(self.upstream.transport)
 
     def upstreamLost(self, reason: Failure | None = None) -> None:
         self._ended("upstream")
-        self.client.transport.loseConnection()
+        self._closeSide(self.client.transport)
 
     def upstreamData(self, data: bytes) -> None:
         self._fromUpstream(data)
