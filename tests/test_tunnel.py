@@ -333,7 +333,7 @@ async def test_no_file_descriptors_left_after_1000_connections(cleanup):
     def allowed() -> int:
         return before + 2 * sum(len(server.idle) for server in pool.servers)
 
-    for _ in range(100):
+    for _ in range(300):
         if not proxy.listeners[0].proxyFactory.connections and openFileDescriptors() <= allowed():
             break
         await sleep(0.05)

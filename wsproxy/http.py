@@ -62,15 +62,16 @@ PROTECTED = frozenset(
 )
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_VCHAR = rb"\x01-\x08\x0b\x0c\x0e-\x1f\x21-\xff"
-_FIELD = re.compile(
-    rb"(" + _TOKEN + rb"):[ \t]*((?:[" + _VCHAR + rb"](?:[\t\x20" + _VCHAR + rb"]*[" + _VCHAR + rb"])?)?)[ \t]*"
-)
 _TOKEN_RE = re.compile(_TOKEN)
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9]) *")
+#: What a field value may never hold (RFC 9110 §5.5); other CTLs are retained.
+_VALUE_FORBIDDEN = re.compile(rb"[\x00\r\n]")
+#: The request-target is any run of VCHAR or obs-text; obs-text is %-encoded
+#: before it is forwarded, and a fragment is dropped.
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) (HTTP/[0-9]\.[0-9]) *")
+_OBS_TEXT = re.compile(rb"[\x80-\xff]")
 _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]*)?")
-_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)([^#]*)")
+_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)(.*)")
 _CHUNK_EXT = re.compile(
     rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN
     + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
@@ -79,6 +80,7 @@ _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _BARE_LF = re.compile(rb"(?<!\r)\n|\r(?!\n)")
 _LOOK_ALIKE = re.compile(rb"[^a-z0-9]")
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 #: Transfer codings a proxy can pass on without understanding them.
 _KNOWN_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -181,6 +183,31 @@ def findHeadEnd(buffer: bytes | bytearray, limit: int) -> int:
     return -1
 
 
+def _splitField(line: bytes) -> tuple[bytes, bytes] | None:
+    """
+    C{field-name ":" OWS field-value OWS} as (name, value), or C{None}.
+
+    Done with C{partition} and C{strip} rather than one regular expression:
+    a regex with optional whitespace on both sides of the value backtracks
+    quadratically on a long run of whitespace that ends in a bad byte.
+    """
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN_RE.fullmatch(name) or _VALUE_FORBIDDEN.search(value):
+        return None
+    return name, value.strip(b" \t")
+
+
+def _rejectLookAlikes(fields: dict[bytes, list[bytes]], status: int) -> None:
+    """
+    Refuse a name that is not a framing header but reads as one once its
+    punctuation is ignored (C{Content_Length}, C{Transfer---Encoding}): a
+    backend that maps C{_} to C{-} (CGI, WSGI) would frame the body by it.
+    """
+    for name in fields:
+        if name not in _FRAMING and _LOOK_ALIKE.sub(b"", name) in (b"contentlength", b"transferencoding"):
+            raise HTTPError(status, "a header name that looks like a framing header")
+
+
 def _splitFields(
     lines: list[bytes], maxHeaders: int, status: int
 ) -> tuple[list[tuple[bytes, bytes]], dict[bytes, list[bytes]]]:
@@ -188,12 +215,11 @@ def _splitFields(
         raise HTTPError(431 if status == 400 else status, f"more than {maxHeaders} header fields")
     headers = []
     fields: dict[bytes, list[bytes]] = {}
-    match = _FIELD.fullmatch
     for line in lines:
-        m = match(line)
-        if m is None:
+        field = _splitField(line)
+        if field is None:
             raise HTTPError(status, _fieldProblem(line))
-        name, value = m.groups()
+        name, value = field
         headers.append((name, value))
         lower = name.lower()
         if lower in fields:
@@ -318,12 +344,7 @@ def parseRequestHead(
 
     headers, fields = _splitFields(fieldLines, limits.maxHeaders, 400)
     http11 = version == b"HTTP/1.1"
-    for name in fields:
-        if name not in (b"content-length", b"transfer-encoding") and _LOOK_ALIKE.sub(b"", name) in (
-            b"contentlength",
-            b"transferencoding",
-        ):
-            raise HTTPError(400, "a header name that looks like a framing header")
+    _rejectLookAlikes(fields, 400)
 
     hosts = fields.get(b"host")
     if hosts is not None and len(hosts) > 1:
@@ -333,7 +354,7 @@ def parseRequestHead(
         raise HTTPError(400, "invalid Host header")
 
     if target[0:1] == b"/":
-        path = target
+        path = target.partition(b"#")[0]
     elif target == b"*" and method == b"OPTIONS":
         path = target
     else:
@@ -344,11 +365,12 @@ def parseRequestHead(
         if not _HOST.fullmatch(authority) or b"@" in authority:
             raise HTTPError(400, "invalid authority in the request target")
         host = authority
-        path = absolute.group(3) or b"/"
+        path = absolute.group(3).partition(b"#")[0] or b"/"
         if path[0:1] != b"/":
             path = b"/" + path
-    if b"#" in path:
-        raise HTTPError(400, "a fragment in the request target")
+    # A fragment is the user agent's business (RFC 9110 §4.2.5), never sent on;
+    # raw non-ASCII bytes go on %-encoded, as a browser would have sent them.
+    path = _OBS_TEXT.sub(lambda m: b"%%%02X" % m.group()[0], path)
     if http11 and not host:
         raise HTTPError(400, "missing Host header")
 
@@ -427,6 +449,7 @@ def parseResponseHead(head: bytes, requestMethod: bytes, maxHeaders: int = 200) 
     version, statusText, reason = m.groups()
     status = int(statusText)
     headers, fields = _splitFields(lines[1:-2], maxHeaders, 502)
+    _rejectLookAlikes(fields, 502)
     connection = frozenset(_tokens(fields.get(b"connection"), 502, "Connection"))
 
     transferEncodings = fields.get(b"transfer-encoding")
@@ -524,10 +547,14 @@ class ChunkedDecoder(BodyDecoder):
     """
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-    __slots__ = ("_state", "_remaining", "_buffer", "_status", "_trailerBytes", "done")
+    __slots__ = ("_state", "_remaining", "_buffer", "_status", "_trailerBytes", "_extensionBytes", "_payloadBytes", "done")
 
     maxLine = 4096
     maxTrailer = 16384
+    #: Chunk extensions are read and dropped; past this many bytes of them,
+    #: they may not outweigh the payload (tiny chunks with huge extensions
+    #: cost the proxy work for nothing, like Go's CVE-2023-39326 fix).
+    maxExtensions = 16384
 
     def __init__(self, errorStatus: int = 400) -> None:
         self._state = self._SIZE
@@ -535,6 +562,8 @@ class ChunkedDecoder(BodyDecoder):
         self._buffer = b""
         self._status = errorStatus
         self._trailerBytes = 0
+        self._extensionBytes = 0
+        self._payloadBytes = 0
         self.done = False
 
     def _fail(self, message: str) -> HTTPError:
@@ -578,6 +607,10 @@ class ChunkedDecoder(BodyDecoder):
                 if size is None or not _CHUNK_EXT.fullmatch(line, size.end()):
                     raise self._fail("invalid chunk size line")
                 self._remaining = int(size.group(), 16)
+                self._payloadBytes += self._remaining
+                self._extensionBytes += len(line) - size.end()
+                if self._extensionBytes > self.maxExtensions and self._extensionBytes > self._payloadBytes:
+                    raise self._fail("chunk extensions outweigh the body")
                 self._state = self._DATA if self._remaining else self._TRAILER
             else:
                 if not line:
@@ -586,7 +619,7 @@ class ChunkedDecoder(BodyDecoder):
                 self._trailerBytes += len(line) + 2
                 if self._trailerBytes > self.maxTrailer:
                     raise self._fail("trailer section too large")
-                if _FIELD.fullmatch(line) is None:
+                if _splitField(line) is None:
                     raise self._fail("invalid trailer field")
         self._buffer = data[position:]
         return b"".join(payload), None
