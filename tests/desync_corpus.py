@@ -214,7 +214,7 @@ class DesyncCase:
         the empty chunked body ``b"0\\r\\n\\r\\n"`` (Transfer-Encoding wins
         over Content-Length, RFC 9112 section 6.3).  Otherwise, if some other
         Transfer-Encoding is present, ``b""``.  Otherwise the first
-        Content-Length whose stripped value is all digits gives that many
+        Content-Length whose stripped value is 1 to 18 digits gives that many
         ``b"x"`` bytes.  Otherwise ``b""``.  For Ambiguous and Severe cases
         this is only one of the readings a desync exploits; it exists so that
         forwarded (Compliant/Acceptable) cases can be sent complete.
@@ -234,7 +234,8 @@ class DesyncCase:
         if codings:
             return b"0\r\n\r\n" if codings[-1] == "chunked" else b""
         for length in lengths:
-            if length.isascii() and length.isdigit():
+            # More than 18 digits is no length any parser should honour.
+            if length.isascii() and length.isdigit() and len(length) <= 18:
                 return b"x" * int(length)
         return b""
 

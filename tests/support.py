@@ -119,7 +119,8 @@ class ScriptedConnection(Protocol):
         if end < 0:
             return None
         head = self.pending[: end + 4]
-        if b"transfer-encoding: chunked" in head.lower():
+        if any(line.startswith(b"transfer-encoding:") and line.rstrip().endswith(b"chunked")
+               for line in head.lower().split(b"\r\n")):
             last = self.pending.find(b"\r\n0\r\n\r\n", end)
             if last < 0:
                 return None

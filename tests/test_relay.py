@@ -349,3 +349,25 @@ async def test_a_kept_connection_the_server_closes_on_reuse_is_retried_on_a_new_
     proxy = await proxyFor(cleanup, upstream.getHost().port)
     for _ in range(3):
         assert (await exchange(proxy.ports[0], GET_CLOSE)).endswith(b"fine")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_body_sent_before_the_upstream_connects_is_forwarded_whole(cleanup):
+    upstream, factory = listenScripted(ok())
+    cleanup.port(upstream)
+    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    body = bytes(range(256)) * (4_000_000 // 256)
+    client = await connectRaw(proxy.ports[0])
+    client.transport.write(b"PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
+    response = await client.waitClosed(timeout=20)
+    assert response is not None and response.startswith(b"HTTP/1.1 200 ")
+    assert factory.requests[0].endswith(b"\r\n\r\n" + body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http10_request_without_host_is_forwarded_with_the_listeners_address(cleanup):
+    upstream, factory = listenScripted(ok())
+    cleanup.port(upstream)
+    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    await exchange(proxy.ports[0], b"GET /old HTTP/1.0\r\n\r\n")
+    assert headers(factory.requests[0])[b"host"] == b"127.0.0.1:%d" % proxy.ports[0]

@@ -154,7 +154,7 @@ class Exchange:
     def _requestHead(self) -> bytes:
         request = self.request
         settings = self.settings
-        host = request.host
+        host = request.host or self._ownName()
         lines = [b"%b %b HTTP/1.1" % (request.method, request.path), b"Host: " + host]
         lines.extend(
             b"%b: %b" % pair for pair in endToEnd(request.headers, request.connectionTokens, _REQUEST_DROP)
@@ -172,6 +172,17 @@ class Exchange:
         elif not self.settings.pool.upstream.keepalive:
             lines.append(b"Connection: close")
         return CRLF.join(lines) + HEAD_END
+
+    def _ownName(self) -> bytes:
+        """
+        The Host for an HTTP/1.0 request that sent none: the listener's
+        C{server_name}, else the address the client connected to.
+        """
+        if self.settings.block.server_name:
+            return self.settings.block.server_name.encode("ascii")
+        local = self.client.transport.getHost()
+        host = getattr(local, "host", "localhost")
+        return (f"[{host}]" if ":" in host else host).encode("ascii") + b":%d" % getattr(local, "port", 80)
 
     def _forwardedFor(self) -> bytes:
         """

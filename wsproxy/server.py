@@ -132,6 +132,8 @@ class ProxyProtocol(Protocol):
     def _holdIfFull(self) -> None:
         if len(self._buffer) > PIPELINE_BUFFER:
             self.gate.hold("buffer")
+        else:
+            self.gate.release("buffer")
 
     def _readHead(self) -> bool:
         buffer = self._buffer
