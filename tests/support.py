@@ -7,8 +7,13 @@ comes back.  Everything listens on 127.0.0.1 with ports the system picks.
 
 from __future__ import annotations
 
+import base64
 import os
-from typing import Any, Callable
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
@@ -18,9 +23,38 @@ from twisted.internet.task import deferLater
 
 from wsproxy import parseConfig
 from wsproxy.demo import echoSite
+from wsproxy.http import websocketAccept
 from wsproxy.listeners import ProxyService
 
 LOOPBACK = "127.0.0.1"
+
+TWISTD = str(Path(sys.executable).parent / "twistd")
+#: With the source tree on the path, twistd finds the plugin in an editable install too.
+ENVIRONMENT = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+KEY = base64.b64encode(b"0123456789abcdef")
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def upgradeRequest(path: bytes = b"/ws", extra: bytes = b"") -> bytes:
+    """A valid WebSocket upgrade request, with C{extra} header lines."""
+    return (
+        b"GET %b HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: %b\r\nSec-WebSocket-Version: 13\r\n%b\r\n" % (path, KEY, extra)
+    )
+
+
+def switching(key: bytes = KEY) -> bytes:
+    """An upstream's 101 accepting C{key}."""
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: %b\r\n\r\n" % websocketAccept(key)
+    )
 
 
 def sleep(seconds: float) -> Deferred:
@@ -49,6 +83,12 @@ def proxyTo(*upstreamPorts: int, **block: Any) -> tuple[dict[str, Any], dict[str
     """The upstream table and server block for a proxy in front of C{upstreamPorts}."""
     upstreams = {"app": {"servers": [f"{LOOPBACK}:{port}" for port in upstreamPorts]}}
     return upstreams, {"proxy_pass": "http://app", **block}
+
+
+async def startProxyFor(cleanup: Any, *upstreamPorts: int, **block: Any) -> ProxyService:
+    """A proxy in front of C{upstreamPorts}, stopped by C{cleanup} after the test."""
+    upstreams, server = proxyTo(*upstreamPorts, **block)
+    return cleanup.service(await startProxy(upstreams, server))
 
 
 def listenEcho() -> Any:
@@ -217,7 +257,14 @@ def gather(*deferreds: Deferred) -> Deferred:
 
 
 __all__ = [
+    "ENVIRONMENT",
+    "KEY",
     "LOOPBACK",
+    "TWISTD",
+    "freePort",
+    "startProxyFor",
+    "switching",
+    "upgradeRequest",
     "RawClient",
     "ScriptedUpstream",
     "connectRaw",

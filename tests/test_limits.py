@@ -6,21 +6,23 @@ with a clear status or closes, and none disturbs what it should not.
 from __future__ import annotations
 
 import pytest_twisted
-
-from support import connectRaw, exchange, listenScripted, ok, proxyTo, sleep, startProxy
-from test_tunnel import switching, upgradeRequest
-
-
-async def proxyFor(cleanup, *ports, **block):
-    upstreams, server = proxyTo(*ports, **block)
-    return cleanup.service(await startProxy(upstreams, server))
+from support import (
+    connectRaw,
+    exchange,
+    listenScripted,
+    ok,
+    sleep,
+    startProxyFor,
+    switching,
+    upgradeRequest,
+)
 
 
 @pytest_twisted.ensureDeferred
 async def test_request_line_and_header_section_limits(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, max_request_line=100, max_header_size=300, max_headers=5)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, max_request_line=100, max_header_size=300, max_headers=5)
     port = proxy.ports[0]
     longLine = await exchange(port, b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     assert longLine.startswith(b"HTTP/1.1 414 ")
@@ -35,7 +37,7 @@ async def test_request_line_and_header_section_limits(cleanup):
 async def test_a_header_section_without_end_is_refused_once_past_the_limit(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, max_request_line=100, max_header_size=300)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, max_request_line=100, max_header_size=300)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n")
     for _ in range(40):
@@ -48,7 +50,7 @@ async def test_a_header_section_without_end_is_refused_once_past_the_limit(clean
 async def test_request_body_size_limit(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, client_max_body_size=10)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, client_max_body_size=10)
     declared = await exchange(proxy.ports[0], b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world")
     assert declared.startswith(b"HTTP/1.1 413 ")
     chunked = await exchange(
@@ -63,7 +65,7 @@ async def test_request_body_size_limit(cleanup):
 async def test_a_slowloris_client_is_closed_after_client_header_timeout(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, client_header_timeout=0.3)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, client_header_timeout=0.3)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(b"GET / HTTP/1.1\r\n")
     for _ in range(3):
@@ -80,7 +82,7 @@ async def test_a_slowloris_client_is_closed_after_client_header_timeout(cleanup)
 async def test_idle_keep_alive_connections_are_closed_after_keepalive_timeout(cleanup):
     upstream, _ = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, keepalive_timeout=0.3)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, keepalive_timeout=0.3)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     await client.waitFor(b"hello")
@@ -92,7 +94,7 @@ async def test_idle_keep_alive_connections_are_closed_after_keepalive_timeout(cl
 async def test_connection_limits_answer_503_without_touching_open_tunnels(cleanup):
     upstream, _ = listenScripted(switching(), closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, max_connections=2)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, max_connections=2)
     tunnels = []
     for _ in range(2):
         client = await connectRaw(proxy.ports[0])
@@ -116,7 +118,7 @@ async def test_connection_limits_answer_503_without_touching_open_tunnels(cleanu
 async def test_per_address_connection_limit(cleanup):
     upstream, _ = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, max_connections_per_ip=1)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, max_connections_per_ip=1)
     first = await connectRaw(proxy.ports[0])
     await sleep(0.05)
     refused = await exchange(proxy.ports[0], b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
@@ -128,7 +130,7 @@ async def test_per_address_connection_limit(cleanup):
 async def test_upgrades_from_origins_not_allowed_get_403_before_any_upstream(cleanup):
     upstream, factory = listenScripted(switching(), closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port, allowed_origins=["https://good.example"])
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, allowed_origins=["https://good.example"])
     bad = await exchange(proxy.ports[0], upgradeRequest(extra=b"Origin: https://evil.example\r\n"))
     assert bad.startswith(b"HTTP/1.1 403 ")
     missing = await exchange(proxy.ports[0], upgradeRequest())
@@ -144,7 +146,7 @@ async def test_upgrades_from_origins_not_allowed_get_403_before_any_upstream(cle
 async def test_upgrades_other_than_websocket_are_not_forwarded(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     response = await exchange(
         proxy.ports[0], b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings, close\r\n"
         b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"

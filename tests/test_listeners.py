@@ -13,11 +13,22 @@ import subprocess
 import time
 
 import pytest_twisted
+from support import (
+    ENVIRONMENT,
+    TWISTD,
+    connectRaw,
+    exchange,
+    freePort,
+    listenScripted,
+    ok,
+    proxyTo,
+    sleep,
+    startProxy,
+    switching,
+    upgradeRequest,
+)
 from twisted.internet.error import ConnectionRefusedError
 
-from support import connectRaw, exchange, listenScripted, ok, proxyTo, sleep, startProxy
-from test_tap import ENVIRONMENT, TWISTD, freePort
-from test_tunnel import switching, upgradeRequest
 from wsproxy import parseConfig
 from wsproxy.tap import reloadFrom
 

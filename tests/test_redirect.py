@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support import connectRaw, exchange, startProxy
 from twisted.logger import formatEvent, globalLogPublisher
 
-from support import connectRaw, exchange, startProxy
 from wsproxy import parseConfig
 from wsproxy.config import ConfigError
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import re
 
 import pytest_twisted
+from support import connectRaw, exchange, listenScripted, ok, proxyTo, sleep, startProxy, startProxyFor
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
-
-from support import connectRaw, exchange, listenScripted, ok, proxyTo, sleep, startProxy
 
 GET = b"GET /path?q=1 HTTP/1.1\r\nHost: example.com\r\n\r\n"
 GET_CLOSE = b"GET /path?q=1 HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n"
@@ -34,17 +33,12 @@ def dechunk(body: bytes) -> bytes | None:
         payload, body = payload + body[:size], body[size + 2 :]
 
 
-async def proxyFor(cleanup, *ports, **block):
-    upstreams, server = proxyTo(*ports, **block)
-    return cleanup.service(await startProxy(upstreams, server))
-
-
 @pytest_twisted.ensureDeferred
 async def test_round_robin_across_two_upstreams(cleanup):
     portA, _ = listenScripted(ok(b"A"))
     portB, _ = listenScripted(ok(b"B"))
     cleanup.port(portA), cleanup.port(portB)
-    proxy = await proxyFor(cleanup, portA.getHost().port, portB.getHost().port)
+    proxy = await startProxyFor(cleanup, portA.getHost().port, portB.getHost().port)
     bodies = [(await exchange(proxy.ports[0], GET_CLOSE)).split(b"\r\n\r\n", 1)[1] for _ in range(4)]
     assert bodies == [b"A", b"B", b"A", b"B"]
 
@@ -56,7 +50,7 @@ async def test_failover_skips_a_refusing_server_and_marks_it_down(cleanup):
     await dead.stopListening()
     live, factory = listenScripted(ok(b"live"))
     cleanup.port(live)
-    proxy = await proxyFor(cleanup, deadPort, live.getHost().port)
+    proxy = await startProxyFor(cleanup, deadPort, live.getHost().port)
     responses = [await exchange(proxy.ports[0], GET_CLOSE) for _ in range(3)]
     assert all(r.startswith(b"HTTP/1.1 200 ") and r.endswith(b"live") for r in responses)
     pool = proxy.pools["app"]
@@ -69,7 +63,7 @@ async def test_no_server_left_is_502_with_a_plain_text_reason(cleanup):
     dead, _ = listenScripted(ok())
     deadPort = dead.getHost().port
     await dead.stopListening()
-    proxy = await proxyFor(cleanup, deadPort)
+    proxy = await startProxyFor(cleanup, deadPort)
     response = await exchange(proxy.ports[0], GET_CLOSE)
     assert response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert headers(response)[b"content-type"].startswith(b"text/plain")
@@ -81,11 +75,10 @@ async def test_all_down_then_one_back_succeeds_without_restart(cleanup):
     dead, _ = listenScripted(ok())
     port = dead.getHost().port
     await dead.stopListening()
-    proxy = await proxyFor(cleanup, port)
+    proxy = await startProxyFor(cleanup, port)
     assert (await exchange(proxy.ports[0], GET_CLOSE)).startswith(b"HTTP/1.1 502 ")
-    from twisted.internet import reactor
-
     from support import ScriptedUpstream
+    from twisted.internet import reactor
 
     back = cleanup.port(reactor.listenTCP(port, ScriptedUpstream(ok(b"back")), interface="127.0.0.1"))
     assert back.getHost().port == port
@@ -96,7 +89,7 @@ async def test_all_down_then_one_back_succeeds_without_restart(cleanup):
 async def test_no_response_head_in_time_is_504(cleanup):
     silent, factory = listenScripted(lambda request, connection: None)
     cleanup.port(silent)
-    proxy = await proxyFor(cleanup, silent.getHost().port, proxy_read_timeout=0.3)
+    proxy = await startProxyFor(cleanup, silent.getHost().port, proxy_read_timeout=0.3)
     response = await exchange(proxy.ports[0], GET_CLOSE)
     assert response.startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
     assert len(factory.requests) == 1
@@ -106,7 +99,7 @@ async def test_no_response_head_in_time_is_504(cleanup):
 async def test_request_head_is_rewritten_for_the_next_hop(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     request = (
         b"GET /a?b=c HTTP/1.1\r\nHost: Example.COM:8080\r\nConnection: keep-alive, X-Secret, Host, X-Forwarded-For\r\n"
         b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nTrailer: X-T\r\n"
@@ -134,7 +127,7 @@ async def test_request_head_is_rewritten_for_the_next_hop(cleanup):
 async def test_ordinary_requests_never_carry_connection_upgrade(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     await exchange(proxy.ports[0], GET_CLOSE)
     await exchange(proxy.ports[0], b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi")
     for sent in factory.requests:
@@ -146,7 +139,7 @@ async def test_ordinary_requests_never_carry_connection_upgrade(cleanup):
 async def test_absolute_form_target_overrides_host(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     await exchange(proxy.ports[0], b"GET http://real.example/x?y HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n")
     sent = factory.requests[0]
     assert sent.startswith(b"GET /x?y HTTP/1.1\r\n")
@@ -157,8 +150,8 @@ async def test_absolute_form_target_overrides_host(cleanup):
 async def test_client_forwarded_for_is_replaced_unless_from_a_trusted_proxy(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    plain = await proxyFor(cleanup, upstream.getHost().port)
-    trusting = await proxyFor(cleanup, upstream.getHost().port, set_real_ip_from=["127.0.0.0/8"])
+    plain = await startProxyFor(cleanup, upstream.getHost().port)
+    trusting = await startProxyFor(cleanup, upstream.getHost().port, set_real_ip_from=["127.0.0.0/8"])
     request = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.1.1.1\r\nConnection: close\r\n\r\n"
     await exchange(plain.ports[0], request)
     await exchange(trusting.ports[0], request)
@@ -170,7 +163,7 @@ async def test_client_forwarded_for_is_replaced_unless_from_a_trusted_proxy(clea
 async def test_chunked_request_body_is_streamed_and_reframed(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
     client.transport.write(b"5;ext=1\r\nhello\r\n")
@@ -188,7 +181,7 @@ async def test_chunked_request_body_is_streamed_and_reframed(cleanup):
 async def test_content_length_request_body_is_forwarded(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     body = bytes(range(256)) * 400
     await exchange(proxy.ports[0], b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
     assert factory.requests[0].endswith(b"\r\n\r\n" + body)
@@ -207,7 +200,7 @@ async def test_response_framings_are_relayed_right(cleanup):
     }
     upstream, _ = listenScripted(lambda request, c: answers[request.split(b" ")[1]])
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     port = proxy.ports[0]
 
     chunked = await exchange(port, b"GET /chunked HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
@@ -235,7 +228,7 @@ async def test_response_framings_are_relayed_right(cleanup):
 async def test_keep_alive_and_pipelined_requests_are_answered_in_order(cleanup):
     upstream, _ = listenScripted(lambda request, c: ok(request.split(b" ")[1]))
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
     paths = [b"/%d" % i for i in range(20)]
     client.transport.write(b"".join(b"GET %b HTTP/1.1\r\nHost: h\r\n\r\n" % p for p in paths))
@@ -250,14 +243,14 @@ async def test_keep_alive_and_pipelined_requests_are_answered_in_order(cleanup):
 async def test_upstream_closing_mid_body_truncates_the_response(cleanup):
     upstream, _ = listenScripted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part")
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     response = await exchange(proxy.ports[0], GET)
     assert response is not None, "the client connection must be closed"
     assert response.endswith(b"only part") and b"Content-Length: 100" in response
 
     chunkedCut, _ = listenScripted(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     cleanup.port(chunkedCut)
-    proxy2 = await proxyFor(cleanup, chunkedCut.getHost().port)
+    proxy2 = await startProxyFor(cleanup, chunkedCut.getHost().port)
     response = await exchange(proxy2.ports[0], GET)
     assert response is not None and response.endswith(b"5\r\nhello\r\n")
     assert not response.endswith(b"0\r\n\r\n")
@@ -268,7 +261,7 @@ async def test_bytes_after_a_response_are_never_served_to_the_next_request(clean
     smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
     upstream, factory = listenScripted(lambda request, c: ok(b"first") + smuggled if len(factory.requests) == 1 else ok(b"second"))
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(GET)
     await client.waitFor(b"first")
@@ -290,7 +283,7 @@ async def test_malformed_upstream_responses_are_502(cleanup):
     for answer in bad:
         upstream, _ = listenScripted(answer)
         cleanup.port(upstream)
-        proxy = await proxyFor(cleanup, upstream.getHost().port)
+        proxy = await startProxyFor(cleanup, upstream.getHost().port)
         response = await exchange(proxy.ports[0], GET_CLOSE)
         assert response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), (answer, response)
 
@@ -299,7 +292,7 @@ async def test_malformed_upstream_responses_are_502(cleanup):
 async def test_a_bad_chunk_from_the_upstream_cuts_the_response(cleanup):
     upstream, _ = listenScripted(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     response = await exchange(proxy.ports[0], GET)
     assert response is not None and not response.endswith(b"0\r\n\r\n")
 
@@ -308,7 +301,7 @@ async def test_a_bad_chunk_from_the_upstream_cuts_the_response(cleanup):
 async def test_upstream_connections_are_kept_alive_and_reused(cleanup):
     upstream, factory = listenScripted(lambda request, c: ok(b"%d" % len(factory.requests)), closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     for expected in (b"1", b"2", b"3"):
         assert (await exchange(proxy.ports[0], GET_CLOSE)).endswith(expected)
     assert len(factory.connections) == 1, "one upstream connection served every request"
@@ -346,7 +339,7 @@ class OneAnswerPerConnection(Protocol):
 async def test_a_kept_connection_the_server_closes_on_reuse_is_retried_on_a_new_one(cleanup):
     factory = Factory.forProtocol(OneAnswerPerConnection)
     upstream = cleanup.port(reactor.listenTCP(0, factory, interface="127.0.0.1"))
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     for _ in range(3):
         assert (await exchange(proxy.ports[0], GET_CLOSE)).endswith(b"fine")
 
@@ -355,7 +348,7 @@ async def test_a_kept_connection_the_server_closes_on_reuse_is_retried_on_a_new_
 async def test_a_large_body_sent_before_the_upstream_connects_is_forwarded_whole(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     body = bytes(range(256)) * (4_000_000 // 256)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(b"PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
@@ -368,6 +361,6 @@ async def test_a_large_body_sent_before_the_upstream_connects_is_forwarded_whole
 async def test_an_http10_request_without_host_is_forwarded_with_the_listeners_address(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     await exchange(proxy.ports[0], b"GET /old HTTP/1.0\r\n\r\n")
     assert headers(factory.requests[0])[b"host"] == b"127.0.0.1:%d" % proxy.ports[0]

@@ -4,29 +4,17 @@ The twistd plugin, run as an operator runs it: C{twistd wsproxy}.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-TWISTD = str(Path(sys.executable).parent / "twistd")
-#: With the source tree on the path, twistd finds the plugin in an editable install too.
-ENVIRONMENT = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+from support import ENVIRONMENT, TWISTD, freePort
 
 
 def twistd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
     return subprocess.run([TWISTD, *args], capture_output=True, text=True, timeout=timeout, env=ENVIRONMENT)
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_twistd_lists_the_plugin():

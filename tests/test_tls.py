@@ -26,6 +26,7 @@ import pytest_twisted
 import trustme
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography import x509
+from support import LOOPBACK, RawClient, ScriptedUpstream, connectRaw, listenEcho, listenScripted, ok, sleep, startProxy
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -34,7 +35,6 @@ from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClie
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
-from support import LOOPBACK, RawClient, ScriptedUpstream, connectRaw, listenEcho, listenScripted, ok, sleep, startProxy
 from wsproxy import tap
 from wsproxy.config import Upstream, UpstreamAddress
 from wsproxy.tls import WATCH_INTERVAL, describeTLSFailure, upstreamTLSOptions

@@ -13,34 +13,22 @@ import os
 
 import pytest_twisted
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from support import (
+    KEY,
+    connectRaw,
+    listenEcho,
+    listenScripted,
+    ok,
+    openFileDescriptors,
+    sleep,
+    startProxyFor,
+    switching,
+    upgradeRequest,
+)
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-
-from support import connectRaw, listenEcho, listenScripted, ok, openFileDescriptors, proxyTo, sleep, startProxy
-from wsproxy.http import websocketAccept
-
-KEY = base64.b64encode(b"0123456789abcdef")
-
-
-def upgradeRequest(path: bytes = b"/ws", extra: bytes = b"") -> bytes:
-    return (
-        b"GET %b HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
-        b"Sec-WebSocket-Key: %b\r\nSec-WebSocket-Version: 13\r\n%b\r\n" % (path, KEY, extra)
-    )
-
-
-def switching(key: bytes = KEY) -> bytes:
-    return (
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: %b\r\n\r\n" % websocketAccept(key)
-    )
-
-
-async def proxyFor(cleanup, *ports, **block):
-    upstreams, server = proxyTo(*ports, **block)
-    return cleanup.service(await startProxy(upstreams, server))
 
 
 class EchoClient(WebSocketClientProtocol):
@@ -60,7 +48,7 @@ class EchoClient(WebSocketClientProtocol):
 @pytest_twisted.ensureDeferred
 async def test_websocket_messages_through_the_proxy(cleanup):
     echo = cleanup.port(listenEcho())
-    proxy = await proxyFor(cleanup, echo.getHost().port)
+    proxy = await startProxyFor(cleanup, echo.getHost().port)
     factory = WebSocketClientFactory(f"ws://127.0.0.1:{proxy.ports[0]}/ws")
     factory.protocol = EchoClient
     factory.opened, factory.done, factory.closed = Deferred(), Deferred(), Deferred()
@@ -87,7 +75,7 @@ async def test_refused_upgrade_stays_http_and_the_pipelined_request_is_answered(
 
     upstream, factory = listenScripted(answer)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(upgradeRequest() + b"GET /next HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     received = await client.waitClosed()
@@ -105,7 +93,7 @@ async def test_bytes_on_both_sides_of_the_101_arrive_in_order(cleanup):
 
     upstream, factory = listenScripted(answer, closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(upgradeRequest() + early)
     received = await client.waitFor(b"first")
@@ -126,7 +114,7 @@ async def test_bytes_on_both_sides_of_the_101_arrive_in_order(cleanup):
 async def test_upgrade_is_forwarded_with_connection_upgrade_and_end_to_end_headers(cleanup):
     upstream, factory = listenScripted(switching(), closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(upgradeRequest(extra=b"Origin: https://site\r\nSec-WebSocket-Protocol: chat\r\nCookie: c=1\r\n"))
     received = await client.waitFor(b"\r\n\r\n")
@@ -142,7 +130,7 @@ async def test_upgrade_is_forwarded_with_connection_upgrade_and_end_to_end_heade
 async def test_a_101_with_a_wrong_accept_is_502_and_no_tunnel(cleanup):
     upstream, factory = listenScripted(switching(key=base64.b64encode(b"another key 1234")) + b"\x81\x02hi", closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
     client.transport.write(upgradeRequest() + b"\x81\x80\x00\x00\x00\x00")
     received = await client.waitClosed()
@@ -154,7 +142,7 @@ async def test_a_101_with_a_wrong_accept_is_502_and_no_tunnel(cleanup):
 async def test_upstream_dying_closes_the_client_promptly_and_the_other_way_round(cleanup):
     upstream, factory = listenScripted(switching(), closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
 
     client = await connectRaw(proxy.ports[0])
     client.transport.write(upgradeRequest())
@@ -174,9 +162,9 @@ async def test_upstream_dying_closes_the_client_promptly_and_the_other_way_round
 async def test_tunnels_have_no_idle_timeout_unless_configured(cleanup):
     upstream, factory = listenScripted(switching(), closeAfter=False)
     cleanup.port(upstream)
-    quiet = await proxyFor(cleanup, upstream.getHost().port, proxy_read_timeout=0.2, keepalive_timeout=0.2,
+    quiet = await startProxyFor(cleanup, upstream.getHost().port, proxy_read_timeout=0.2, keepalive_timeout=0.2,
                            client_header_timeout=0.2)
-    watched = await proxyFor(cleanup, upstream.getHost().port, websocket_idle_timeout=0.3)
+    watched = await startProxyFor(cleanup, upstream.getHost().port, websocket_idle_timeout=0.3)
     clients = []
     for proxy in (quiet, watched):
         client = await connectRaw(proxy.ports[0])
@@ -273,7 +261,7 @@ async def test_a_slow_reader_keeps_the_proxy_buffers_bounded_over_100_mb(cleanup
             return blaster
 
     upstream = cleanup.port(reactor.listenTCP(0, BlasterFactory(), interface="127.0.0.1"))
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     reader = SlowReader()
     reader.expected = total
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.ports[0]), reader)
@@ -308,11 +296,11 @@ async def test_no_file_descriptors_left_after_1000_connections(cleanup):
 
     upstream, _ = listenScripted(answer, closeAfter=False)
     cleanup.port(upstream)
-    proxy = await proxyFor(cleanup, upstream.getHost().port)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
     port = proxy.ports[0]
     await sleep(0.1)
     before = openFileDescriptors()
-    for batch in range(20):
+    for _ in range(20):
         clients = []
         for i in range(50):
             client = await connectRaw(port)

@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from test_tap import ENVIRONMENT, TWISTD, freePort
+from support import ENVIRONMENT, TWISTD, freePort
 
 
 def childrenOf(pid: int) -> set[int]:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = [
     "Config",
@@ -247,12 +248,11 @@ def parseUpstreamAddress(text: str) -> UpstreamAddress:
     @raise ValueError: if C{text} is none of those.
     """
     tls = False
-    for scheme, isTLS, defaultPort in (("https://", True, 443), ("http://", False, 80)):
+    defaultPort: int | None = None
+    for scheme, isTLS, schemePort in (("https://", True, 443), ("http://", False, 80)):
         if text.startswith(scheme):
-            text, tls = text[len(scheme):], isTLS
+            text, tls, defaultPort = text[len(scheme) :], isTLS, schemePort
             break
-    else:
-        defaultPort = None
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or (rest and not rest.startswith(":")):

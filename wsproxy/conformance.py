@@ -29,12 +29,13 @@ import os
 import shutil
 import sys
 from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from tempfile import TemporaryDirectory
-from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence, TextIO
+from typing import Any, TextIO
 
 import trustme
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
@@ -46,9 +47,9 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import react
 from twisted.logger import (
     FilteringLogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     globalLogBeginner,
     textFileLogObserver,
 )

@@ -15,9 +15,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Iterable
 
 __all__ = [
     "BodyDecoder",
@@ -649,7 +649,7 @@ def errorResponse(
         phrase = HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         phrase = b"Error"
-    body = f"{status} {phrase.decode()}: {message}\n".encode("utf-8")
+    body = f"{status} {phrase.decode()}: {message}\n".encode()
     lines = [
         b"HTTP/1.1 %d %b" % (status, phrase),
         b"Content-Type: text/plain; charset=utf-8",

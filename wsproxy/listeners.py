@@ -7,7 +7,8 @@ connections on shutdown.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
@@ -122,7 +123,7 @@ class ProxyService(MultiService):
         """
         if [b.listen for b in config.servers] != [listener.block.listen for listener in self.listeners]:
             raise ValueError("the listen addresses changed; restart wsproxy to change listeners")
-        for listener, block in zip(self.listeners, config.servers):
+        for listener, block in zip(self.listeners, config.servers, strict=True):
             if listener.tls is not None and not listener.tls.reconfigure(block):
                 raise ValueError(f"{block.listen}: the TLS settings did not load (see the log)")
         pools = self._makePools(config)
@@ -134,7 +135,7 @@ class ProxyService(MultiService):
             if pools.get(name) is not old:
                 old.closeIdle()
         self.pools = pools
-        for listener, block in zip(self.listeners, config.servers):
+        for listener, block in zip(self.listeners, config.servers, strict=True):
             listener.block = block
             listener.proxyFactory.settings = self._settingsFor(block, listener.tls)
         self.config = config

@@ -11,14 +11,16 @@ logged and the running configuration stays in force.
 from __future__ import annotations
 
 import signal
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
 from .config import ConfigError, loadConfig
-from .listeners import ProxyService, makeService as makeProxyService
+from .listeners import ProxyService
+from .listeners import makeService as makeProxyService
 from .tls import TLSConfigError
 
 __all__ = ["Options", "makeService"]

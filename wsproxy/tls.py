@@ -22,7 +22,8 @@ certificate renewal without having to remember to ask for it.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from OpenSSL import SSL
 from service_identity import VerificationError

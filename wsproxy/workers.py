@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -107,7 +108,7 @@ class WorkerPool(Service):
         fds = [port.fileno() for port in self.ports]
         families = [_family(port) for port in self.ports]
         args = [sys.executable, "-m", "wsproxy.workers", "--config", self.configPath, "--index", str(index)]
-        for fd, family in zip(fds, families):
+        for fd, family in zip(fds, families, strict=True):
             args += ["--fd", f"{fd}:{family}"]
         childFDs: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
         childFDs.update({fd: fd for fd in fds})
