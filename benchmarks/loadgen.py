@@ -33,7 +33,8 @@ import ssl
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Coroutine
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import procstat
 from upstream import raise_nofile, tune_malloc, unmask
@@ -240,7 +241,7 @@ async def handshake_worker(
         while time.time() < t2:
             try:
                 proto = await open_client(lambda: WsClient(request), host, port, tls, timeout=5.0)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            except (TimeoutError, OSError, ssl.SSLError) as exc:
                 stats["n_errors"] += 1
                 if len(errors) < 3:
                     errors.append(repr(exc))
@@ -442,7 +443,7 @@ async def idle_main(args: argparse.Namespace, pids: list[int]) -> dict[str, Any]
         async with gate:
             try:
                 return await open_client(lambda: WsClient(request), args.host, args.port, None)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 errors.append(repr(exc))
                 return None
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
-_live: list["Child"] = []
+_live: list[Child] = []
 
 
 def _die_with_parent() -> None:

@@ -9,8 +9,9 @@ figures; it never judges them.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 Result = dict[str, Any]  # one loadgen JSON object, or {"ok": False, "error"/"na": ...}
 

@@ -194,7 +194,7 @@ def describe_machine() -> dict[str, str]:
     elif cmd(["git", "status", "--porcelain"]):
         commit += " (with uncommitted changes)"
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "nproc": str(os.cpu_count()),
         "cpu": model,
         "kernel": platform.release(),
