@@ -364,3 +364,42 @@ async def test_an_http10_request_without_host_is_forwarded_with_the_listeners_ad
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     await exchange(proxy.ports[0], b"GET /old HTTP/1.0\r\n\r\n")
     assert headers(factory.requests[0])[b"host"] == b"127.0.0.1:%d" % proxy.ports[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_access_log_event_per_request_and_per_finished_tunnel(cleanup):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from support import switching, upgradeRequest
+
+    events = []
+    observer = lambda event: events.append(event) if event.get("log_namespace") == "wsproxy.access" else None
+    globalLogPublisher.addObserver(observer)
+    try:
+        upstream, factory = listenScripted(
+            lambda request, c: switching() if b"Upgrade" in request else ok(b"12345"), closeAfter=False
+        )
+        cleanup.port(upstream)
+        proxy = await startProxyFor(cleanup, upstream.getHost().port, access_log=True)
+        await exchange(proxy.ports[0], b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+        client = await connectRaw(proxy.ports[0])
+        client.transport.write(upgradeRequest() + b"ping")
+        await client.waitFor(b"\r\n\r\n")
+        factory.connections[-1].transport.write(b"pong!")
+        await client.waitFor(b"pong!")
+        client.transport.loseConnection()
+        for _ in range(100):
+            if len(events) == 2:
+                break
+            await sleep(0.01)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    request, tunnel = events
+    server = f"127.0.0.1:{upstream.getHost().port}"
+    assert {k: request[k] for k in ("client", "method", "target", "status", "upstream", "bytesIn", "bytesOut")} == {
+        "client": "127.0.0.1", "method": "POST", "target": "/form", "status": 200, "upstream": server,
+        "bytesIn": 3, "bytesOut": 5,
+    }
+    assert re.fullmatch(r'127\.0\.0\.1 "POST /form" 200 upstream=\S+ in=3 out=5 \d+\.\d{3}s', formatEvent(request))
+    assert (tunnel["status"], tunnel["bytesIn"], tunnel["bytesOut"], tunnel["closedBy"]) == (101, 4, 5, "client")
+    assert formatEvent(tunnel).endswith("closed by client")

@@ -13,12 +13,13 @@ for another reason, and a buffer would grow without bound.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["ReadGate"]
+__all__ = ["ReadGate", "writerFor"]
 
 
 @implementer(IPushProducer)
@@ -66,3 +67,47 @@ class ReadGate:
         The consumer went away; each side closes the other itself, so there
         is nothing to do here.
         """
+
+
+def writerFor(transport: Any) -> Callable[[bytes], None]:
+    """
+    A C{write} for C{transport} that hands bytes to the kernel at once when
+    nothing is queued.
+
+    Twisted's C{write} always queues and sends on the next reactor
+    iteration, which costs two C{epoll_ctl} calls and a pass through the
+    reactor per write; a proxy writes once per chunk it relays, so that is
+    most of its cost per small message.  When the transport has nothing
+    queued, sending now changes no ordering; whatever the kernel does not
+    take, and every write while something is queued, goes through the
+    transport as usual (flow control included).  Transports other than
+    plain TCP (TLS, UNIX sockets under test doubles) use their own C{write}.
+    """
+    if type(transport) not in _DIRECT:
+        return transport.write
+    send = transport.socket.send
+    write = transport.write
+
+    def writeNow(data: bytes) -> None:
+        if (
+            transport._tempDataLen
+            or len(transport.dataBuffer) > transport.offset
+            or transport.disconnecting
+            or not transport.connected
+        ):
+            write(data)
+            return
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            write(data)
+            return
+        if sent < len(data):
+            write(data[sent:])
+
+    return writeNow
+
+
+_DIRECT = (tcp.Server, tcp.Client)

@@ -20,7 +20,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .flow import ReadGate
+from .accesslog import logRequest
+from .flow import ReadGate, writerFor
 from .http import (
     CRLF,
     HEAD_END,
@@ -70,6 +71,7 @@ class UpstreamProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.gate = ReadGate(self.transport)
+        self.writeNow = writerFor(self.transport)
         setNoDelay(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -114,6 +116,9 @@ class Exchange:
         self._reused = False
         self._reusable = False
         self._heard = False
+        self._output: list[bytes] = []
+        self._toClient = client.writeNow
+        self._toUpstream: Any = None
 
     # The request
 
@@ -136,7 +141,8 @@ class Exchange:
         client = self.client
         upstream.transport.registerProducer(client.gate, True)
         client.transport.registerProducer(upstream.gate, True)
-        upstream.transport.write(self._requestHead())
+        self._toUpstream = upstream.writeNow
+        self._toUpstream(self._requestHead())
         self._timer = self.clock.callLater(self.settings.block.proxy_read_timeout, self._timedOut)
         client.upstreamReady()
 
@@ -208,13 +214,13 @@ class Exchange:
         if limit and self.bytesIn > limit:
             self.fail(413, "request body too large")
             return
-        self.upstream.transport.write(chunk(payload) if self.request.chunked else payload)
+        self._toUpstream(chunk(payload) if self.request.chunked else payload)
 
     def endBody(self) -> None:
         """The request body is complete."""
         self.bodyPending = False
         if self.request.chunked and self.upstream is not None:
-            self.upstream.transport.write(LAST_CHUNK)
+            self._toUpstream(LAST_CHUNK)
 
     # The response
 
@@ -222,11 +228,24 @@ class Exchange:
         if self._done:
             return
         self._heard = True
-        if self._response is None:
-            data = self._readHead(data)
-            if data is None:
-                return
-        self._readBody(data)
+        try:
+            if self._response is None:
+                data = self._readHead(data)
+                if data is None:
+                    return
+            self._readBody(data)
+        finally:
+            self._flush()
+
+    def _emit(self, data: bytes) -> None:
+        """Queue bytes for the client; they go out in one write per read from the upstream."""
+        self._output.append(data)
+
+    def _flush(self) -> None:
+        output = self._output
+        if output:
+            self._output = []
+            self._toClient(output[0] if len(output) == 1 else b"".join(output))
 
     def _readHead(self, data: bytes) -> bytes | None:
         """
@@ -254,7 +273,7 @@ class Exchange:
             if head.status >= 200:
                 break
             if head.status in _INTERIM_FORWARDED and self.request.version == b"HTTP/1.1":
-                self.client.transport.write(self._responseHeadBytes(head, []))
+                self._emit(self._responseHeadBytes(head, []))
         self._responseBuffer = b""
         self._startResponse(head)
         return buffer
@@ -287,7 +306,7 @@ class Exchange:
             framing.append(b"Connection: close")
         elif not http11:
             framing.append(b"Connection: keep-alive")
-        self.client.transport.write(self._responseHeadBytes(head, framing))
+        self._emit(self._responseHeadBytes(head, framing))
         self._headSent = True
 
     def _responseHeadBytes(self, head: ResponseHead, framing: list[bytes]) -> bytes:
@@ -322,11 +341,12 @@ class Exchange:
 
     def _writeBody(self, payload: bytes) -> None:
         self.bytesOut += len(payload)
-        self.client.transport.write(chunk(payload) if self._chunkedOut else payload)
+        self._emit(chunk(payload) if self._chunkedOut else payload)
 
     def _finishResponse(self) -> None:
         if self._chunkedOut:
-            self.client.transport.write(LAST_CHUNK)
+            self._emit(LAST_CHUNK)
+        self._flush()
         self._end(keep=self._reusable and self._response.keepAlive and not self.bodyPending)
         keepAlive = not (self._closeAfter or self.bodyPending)
         self.client.exchangeFinished(keepAlive)
@@ -354,7 +374,8 @@ class Exchange:
         self._cancelTimer()
         self.status = 101
         framing = [b"Upgrade: " + request.upgrade, b"Connection: Upgrade"]
-        self.client.transport.write(self._responseHeadBytes(head, framing))
+        self._emit(self._responseHeadBytes(head, framing))
+        self._flush()
         self._headSent = True
         self._done = True
         tunnel = Tunnel(self.client, self.upstream, self.settings, self._logFields())
@@ -426,6 +447,7 @@ class Exchange:
         """
         if self._done:
             return
+        self._flush()
         self.status = status
         self._end(abort=True)
         if self._headSent:
@@ -434,7 +456,7 @@ class Exchange:
         # After a failed upgrade the client may already be sending frames
         # that are not HTTP: the connection cannot be used again.
         close = self.bodyPending or not self.request.keepAlive or self.request.upgrade is not None
-        self.client.transport.write(
+        self._toClient(
             errorResponse(status, message, self.settings.extraHeaders, close=close, head=self.request.method == b"HEAD")
         )
         self.client.exchangeFinished(not close)
@@ -458,8 +480,7 @@ class Exchange:
             elif not (keep and self.settings.pool.release(self.server, upstream)):
                 upstream.transport.loseConnection()
         if self.settings.block.access_log:
-            log.info(
-                '{client} "{method} {target}" {status} upstream={upstream} in={bytesIn} out={bytesOut} {duration:.3f}s',
+            logRequest(
                 status=self.status,
                 bytesIn=self.bytesIn,
                 bytesOut=self.bytesOut,

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .config import ServerBlock
-from .flow import ReadGate
+from .flow import ReadGate, writerFor
 from .http import (
     CRLF,
     ChunkedDecoder,
@@ -90,6 +90,7 @@ class ProxyProtocol(Protocol):
         peer = self.transport.getPeer()
         self.clientAddress = getattr(peer, "host", None) or "-"
         self.gate = ReadGate(self.transport)
+        self.writeNow = writerFor(self.transport)
         self._buffer = b""
         self._exchange: Exchange | None = None
         self._decoder: Any = None

@@ -16,6 +16,8 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
+
+from .accesslog import logTunnel
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
@@ -73,8 +75,8 @@ class Tunnel:
         self.closed = False
         self._active = False
         self._idleCheck: Any = None
-        self._toUpstream = upstream.transport.write
-        self._toClient = client.transport.write
+        self._toUpstream = upstream.writeNow
+        self._toClient = client.writeNow
 
     def start(self, fromClient: bytes, fromUpstream: bytes) -> None:
         """
@@ -163,9 +165,7 @@ class Tunnel:
             self._idleCheck.cancel()
         self.client.tunnelClosed(self)
         if self.settings.block.access_log:
-            log.info(
-                '{client} "{method} {target}" 101 tunnel upstream={upstream} in={bytesIn} out={bytesOut} '
-                "{duration:.3f}s closed by {side}",
+            logTunnel(
                 bytesIn=self.bytesIn,
                 bytesOut=self.bytesOut,
                 duration=self.clock.seconds() - self.started,
