@@ -1,0 +1,78 @@
+"""
+Flow control pieces: a gate held for several reasons at once, and the
+direct writer that must never reorder bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+
+from support import LOOPBACK, sleep
+from wsproxy.flow import ReadGate, writerFor
+
+
+def test_a_gate_resumes_only_when_every_reason_is_released():
+    transport = StringTransport()
+    gate = ReadGate(transport)
+    gate.hold("buffer")
+    gate.pauseProducing()
+    assert transport.producerState == "paused"
+    gate.resumeProducing()
+    assert transport.producerState == "paused", "still held for the buffer"
+    gate.release("buffer")
+    assert transport.producerState == "producing"
+    gate.release("buffer")
+    assert transport.producerState == "producing"
+
+
+def test_other_transports_keep_their_own_write():
+    transport = StringTransport()
+    assert writerFor(transport) == transport.write
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+        self.count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.count += len(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_writes_keep_the_order_when_the_kernel_buffer_fills(cleanup):
+    receivers = []
+    factory = Factory.forProtocol(Collect)
+    factory.buildProtocol = lambda addr: receivers.append(Collect()) or receivers[-1]
+    port = cleanup.port(reactor.listenTCP(0, factory, interface=LOOPBACK))
+    sender = await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port.getHost().port), Protocol())
+    await sleep(0.05)
+    (receiver,) = receivers
+    receiver.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sender.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    receiver.transport.pauseProducing()
+    write = writerFor(sender.transport)
+    expected = hashlib.sha256()
+    total = 0
+    for i in range(400):
+        piece = bytes([i % 256]) * (1000 + i * 37)
+        write(piece)
+        expected.update(piece)
+        total += len(piece)
+    assert sender.transport._tempDataLen or sender.transport.dataBuffer, "the kernel buffer filled up"
+    receiver.transport.resumeProducing()
+    for _ in range(200):
+        if receiver.count == total:
+            break
+        await sleep(0.01)
+    assert receiver.count == total
+    assert receiver.digest.hexdigest() == expected.hexdigest()
+    sender.transport.loseConnection()
