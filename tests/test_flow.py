@@ -6,7 +6,6 @@ direct writer that must never reorder bytes.
 from __future__ import annotations
 
 import hashlib
-import socket
 
 import pytest_twisted
 from twisted.internet import reactor
@@ -56,20 +55,19 @@ async def test_direct_writes_keep_the_order_when_the_kernel_buffer_fills(cleanup
     sender = await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port.getHost().port), Protocol())
     await sleep(0.05)
     (receiver,) = receivers
-    receiver.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
-    sender.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
     receiver.transport.pauseProducing()
     write = writerFor(sender.transport)
     expected = hashlib.sha256()
     total = 0
-    for i in range(400):
-        piece = bytes([i % 256]) * (1000 + i * 37)
+    for i in range(800):
+        # About 40 MB in all: more than the kernel buffers of both ends hold.
+        piece = bytes([i % 256]) * (1000 + i * 124)
         write(piece)
         expected.update(piece)
         total += len(piece)
     assert sender.transport._tempDataLen or sender.transport.dataBuffer, "the kernel buffer filled up"
     receiver.transport.resumeProducing()
-    for _ in range(200):
+    for _ in range(500):
         if receiver.count == total:
             break
         await sleep(0.01)
