@@ -33,8 +33,10 @@ def _die_with_parent() -> None:
         pass
 
 
-def pinned(cpu: int, argv: list[str]) -> list[str]:
-    """Prefix ``argv`` with taskset so the process (and its children) use one CPU."""
+def pinned(cpu: int | str, argv: list[str]) -> list[str]:
+    """Prefix ``argv`` with taskset so the process (and its children) use one CPU (or a list, "0,1")."""
+    if isinstance(cpu, str):
+        return ["taskset", "-c", cpu, *argv]
     if cpu < 0 or (os.cpu_count() or 1) <= cpu:
         return argv
     return ["taskset", "-c", str(cpu), *argv]

@@ -40,7 +40,10 @@ from upstream import raise_nofile  # noqa: E402
 PROXY_CPU = 0
 LOAD_CPU = 1
 SCENARIOS = ["ws-small", "ws-large", "latency", "handshake", "handshake-tls", "http", "idle"]
-TARGETS = ["direct", "nginx", "wsproxy"]
+TARGETS = ["direct", "nginx", "wsproxy", "wsproxy-w2"]
+#: wsproxy with ``workers = 2``: two worker processes on both CPUs (which the
+#: load generator shares), to show what a second core buys; not pinned to one.
+WORKERS_CPUS = "0,1"
 # `python -m twisted` is Twisted's foreground runner ("twist"); it takes no -n.
 # Logging at "warn" matches nginx's "access_log off; error_log ... error;".
 DEFAULT_WSPROXY_CMD = f"{shlex.quote(sys.executable)} -m twisted --log-level=warn wsproxy --config {{config}}"
@@ -83,8 +86,9 @@ def make_certs(workdir: Path) -> tuple[Path, Path]:
     return chain, key
 
 
-def wsproxy_toml(upstream_port: int, port: int, tls_port: int | None, chain: Path, key: Path) -> str:
+def wsproxy_toml(upstream_port: int, port: int, tls_port: int | None, chain: Path, key: Path, workers: int = 1) -> str:
     text = (
+        f"workers = {workers}\n"
         "[upstream.app]\n"
         f'servers = ["127.0.0.1:{upstream_port}"]\n\n'
         "[[server]]\n"
@@ -102,19 +106,23 @@ def wsproxy_toml(upstream_port: int, port: int, tls_port: int | None, chain: Pat
     return text
 
 
-def start_wsproxy(args: argparse.Namespace, work: Path, up_port: int, port: int, tls_port: int, chain: Path, key: Path) -> Target:
+def start_wsproxy(
+    args: argparse.Namespace, work: Path, up_port: int, port: int, tls_port: int, chain: Path, key: Path,
+    name: str = "wsproxy", workers: int = 1,
+) -> Target:
     """Start wsproxy with a TLS listener; without one if it refuses the TLS block."""
-    attempts: list[tuple[int | None, str]] = [(tls_port, "wsproxy.toml"), (None, "wsproxy-notls.toml")]
+    attempts: list[tuple[int | None, str]] = [(tls_port, f"{name}.toml"), (None, f"{name}-notls.toml")]
     last_error = ""
     for tport, fname in attempts:
         config = work / fname
-        config.write_text(wsproxy_toml(up_port, port, tport, chain, key))
+        config.write_text(wsproxy_toml(up_port, port, tport, chain, key, workers))
         argv = [part.replace("{config}", str(config)) for part in shlex.split(args.wsproxy_cmd)]
         # The repo root goes first on PYTHONPATH so that an uninstalled checkout
         # (wsproxy/ and twisted/plugins/) is what runs; cwd keeps twistd.pid out.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
-        child = Child("wsproxy", pinned(PROXY_CPU, argv), work / f"{fname}.log", env=env, cwd=work)
-        target = Target("wsproxy", child, port, tport)
+        cpus = WORKERS_CPUS if workers > 1 else PROXY_CPU
+        child = Child(name, pinned(cpus, argv), work / f"{fname}.log", env=env, cwd=work)
+        target = Target(name, child, port, tport)
         try:
             target.start()
         except RuntimeError as exc:
@@ -125,7 +133,7 @@ def start_wsproxy(args: argparse.Namespace, work: Path, up_port: int, port: int,
         if tport is None:
             target.tls_na = NO_TLS
         return target
-    dead = Target("wsproxy", Child("wsproxy", [], work / "none.log"), port, None)
+    dead = Target(name, Child(name, [], work / "none.log"), port, None)
     dead.start_error = f"wsproxy did not start: {last_error}"
     return dead
 
@@ -251,7 +259,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="measured seconds per scenario (default 5, quick 2)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds first (default 1, quick 0.5)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {','.join(SCENARIOS)}")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,nginx,wsproxy")
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,nginx,wsproxy,wsproxy-w2")
     p.add_argument("--tunnels", type=int, help="idle tunnels to hold (default 9000, quick 2000)")
     p.add_argument("--workers", type=int, default=2, help="load generator processes for scenarios 1, 4, 5")
     p.add_argument("--wsproxy-cmd", default=DEFAULT_WSPROXY_CMD, help="how to launch wsproxy; {config} is the TOML path")
@@ -282,7 +290,7 @@ def main() -> None:
     results: dict[str, dict[str, list[dict[str, Any]]]] = {s: {t: [] for t in args.targets} for s in args.scenarios}
     try:
         chain, key = make_certs(work)
-        up_port, up_tls, ng_port, ng_tls, ws_port, ws_tls = processes.free_ports(6)
+        up_port, up_tls, ng_port, ng_tls, ws_port, ws_tls, w2_port, w2_tls = processes.free_ports(8)
         targets: dict[str, Target] = {}
 
         upstream = Child(
@@ -317,6 +325,11 @@ def main() -> None:
             targets["wsproxy"] = start_wsproxy(args, work, up_port, ws_port, ws_tls, chain, key)
             if not targets["wsproxy"].start_error:
                 print(f"wsproxy on {ws_port} (TLS {targets['wsproxy'].tls_port or 'none'})", flush=True)
+
+        if "wsproxy-w2" in args.targets:
+            targets["wsproxy-w2"] = start_wsproxy(
+                args, work, up_port, w2_port, w2_tls, chain, key, name="wsproxy-w2", workers=2
+            )
 
         for rnd in range(args.rounds):
             order = args.targets[rnd % len(args.targets):] + args.targets[: rnd % len(args.targets)]
