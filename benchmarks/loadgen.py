@@ -455,7 +455,11 @@ async def idle_main(args: argparse.Namespace, pids: list[int]) -> dict[str, Any]
     pids = [p for root in args.pid for p in procstat.descendants(root)]
     rss0 = procstat.rss_kib(pids)
     deadline = time.time() + args.duration + 60
-    held = [p for p in await asyncio.wait_for(asyncio.gather(*(one() for _ in range(args.tunnels))), deadline - time.time()) if p]
+    held = [
+        p
+        for p in await asyncio.wait_for(asyncio.gather(*(one() for _ in range(args.tunnels))), deadline - time.time())
+        if p
+    ]
     await asyncio.sleep(args.settle)
     pids = [p for root in args.pid for p in procstat.descendants(root)]
     rss1 = procstat.rss_kib(pids)

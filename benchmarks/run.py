@@ -107,8 +107,15 @@ def wsproxy_toml(upstream_port: int, port: int, tls_port: int | None, chain: Pat
 
 
 def start_wsproxy(
-    args: argparse.Namespace, work: Path, up_port: int, port: int, tls_port: int, chain: Path, key: Path,
-    name: str = "wsproxy", workers: int = 1,
+    args: argparse.Namespace,
+    work: Path,
+    up_port: int,
+    port: int,
+    tls_port: int,
+    chain: Path,
+    key: Path,
+    name: str = "wsproxy",
+    workers: int = 1,
 ) -> Target:
     """Start wsproxy with a TLS listener; without one if it refuses the TLS block."""
     attempts: list[tuple[int | None, str]] = [(tls_port, f"{name}.toml"), (None, f"{name}-notls.toml")]
@@ -119,7 +126,10 @@ def start_wsproxy(
         argv = [part.replace("{config}", str(config)) for part in shlex.split(args.wsproxy_cmd)]
         # The repo root goes first on PYTHONPATH so that an uninstalled checkout
         # (wsproxy/ and twisted/plugins/) is what runs; cwd keeps twistd.pid out.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])),
+        }
         cpus = WORKERS_CPUS if workers > 1 else PROXY_CPU
         child = Child(name, pinned(cpus, argv), work / f"{fname}.log", env=env, cwd=work)
         target = Target(name, child, port, tport)
@@ -141,7 +151,16 @@ def start_wsproxy(
 def loadgen_argv(scenario: str, target: Target, args: argparse.Namespace) -> tuple[list[str], float]:
     """Command line and time limit for one scenario against one target."""
     base = [sys.executable, str(HERE / "loadgen.py")]
-    common = ["--host", "127.0.0.1", "--pid", str(target.child.pid), "--duration", str(args.duration), "--warmup", str(args.warmup)]
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--pid",
+        str(target.child.pid),
+        "--duration",
+        str(args.duration),
+        "--warmup",
+        str(args.warmup),
+    ]
     limit = args.warmup + args.duration + 40
     if scenario == "handshake-tls":
         assert target.tls_port
@@ -221,15 +240,21 @@ def loadavg() -> str:
         return "?"
 
 
-def write_results(path: Path, info: dict[str, str], args: argparse.Namespace, table: str,
-                  results: dict[str, dict[str, list[dict[str, Any]]]], elapsed: float) -> None:
+def write_results(
+    path: Path,
+    info: dict[str, str],
+    args: argparse.Namespace,
+    table: str,
+    results: dict[str, dict[str, list[dict[str, Any]]]],
+    elapsed: float,
+) -> None:
     raw = json.dumps(results, indent=1, sort_keys=True)
     text = f"""# wsproxy vs nginx: benchmark results
 
-- Date: {info['date']}
-- Machine: {info['nproc']} CPUs, {info['cpu']}, Linux {info['kernel']}
-- Git commit: {info['commit']}
-- Software: Python {info['python']}, nginx {info['nginx']}, {info['wrk']}
+- Date: {info["date"]}
+- Machine: {info["nproc"]} CPUs, {info["cpu"]}, Linux {info["kernel"]}
+- Git commit: {info["commit"]}
+- Software: Python {info["python"]}, nginx {info["nginx"]}, {info["wrk"]}
 - Settings: {args.rounds} round(s), {args.duration:g} s per scenario after {args.warmup:g} s warm-up, {args.tunnels} idle tunnels; proxy on CPU {PROXY_CPU}, upstream + load generator on CPU {LOAD_CPU}; wall time {elapsed:.0f} s
 - wsproxy command: `{args.wsproxy_cmd}`
 - Load average at start / end: {args.load_start} / {loadavg()} (other processes on the machine share these CPUs and add noise)
@@ -262,7 +287,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,nginx,wsproxy,wsproxy-w2")
     p.add_argument("--tunnels", type=int, help="idle tunnels to hold (default 9000, quick 2000)")
     p.add_argument("--workers", type=int, default=2, help="load generator processes for scenarios 1, 4, 5")
-    p.add_argument("--wsproxy-cmd", default=DEFAULT_WSPROXY_CMD, help="how to launch wsproxy; {config} is the TOML path")
+    p.add_argument(
+        "--wsproxy-cmd", default=DEFAULT_WSPROXY_CMD, help="how to launch wsproxy; {config} is the TOML path"
+    )
     p.add_argument("--output", default=str(HERE / "RESULTS.md"))
     args = p.parse_args()
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -295,8 +322,21 @@ def main() -> None:
 
         upstream = Child(
             "upstream",
-            pinned(LOAD_CPU, [sys.executable, str(HERE / "upstream.py"), "--port", str(up_port),
-                              "--tls-port", str(up_tls), "--cert", str(chain), "--key", str(key)]),
+            pinned(
+                LOAD_CPU,
+                [
+                    sys.executable,
+                    str(HERE / "upstream.py"),
+                    "--port",
+                    str(up_port),
+                    "--tls-port",
+                    str(up_tls),
+                    "--cert",
+                    str(chain),
+                    "--key",
+                    str(key),
+                ],
+            ),
             work / "upstream.log",
         )
         targets["direct"] = Target("direct", upstream, up_port, up_tls)
@@ -307,12 +347,21 @@ def main() -> None:
             prefix = work / "nginx"
             prefix.mkdir()
             conf = (HERE / "nginx.conf.template").read_text()
-            for name, value in {"PREFIX": prefix, "UPSTREAM_PORT": up_port, "PORT": ng_port,
-                                "TLS_PORT": ng_tls, "CERT": chain, "KEY": key}.items():
+            for name, value in {
+                "PREFIX": prefix,
+                "UPSTREAM_PORT": up_port,
+                "PORT": ng_port,
+                "TLS_PORT": ng_tls,
+                "CERT": chain,
+                "KEY": key,
+            }.items():
                 conf = conf.replace(f"@{name}@", str(value))
             (prefix / "nginx.conf").write_text(conf)
-            nginx = Child("nginx", pinned(PROXY_CPU, ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"),
-                                                      "-g", "daemon off;"]), work / "nginx.out")
+            nginx = Child(
+                "nginx",
+                pinned(PROXY_CPU, ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"]),
+                work / "nginx.out",
+            )
             targets["nginx"] = Target("nginx", nginx, ng_port, ng_tls)
             try:
                 targets["nginx"].start()
@@ -332,14 +381,17 @@ def main() -> None:
             )
 
         for rnd in range(args.rounds):
-            order = args.targets[rnd % len(args.targets):] + args.targets[: rnd % len(args.targets)]
+            order = args.targets[rnd % len(args.targets) :] + args.targets[: rnd % len(args.targets)]
             for scenario in args.scenarios:
                 for name in order:
                     t0 = time.time()
                     res = run_one(scenario, targets[name], args)
                     results[scenario][name].append(res)
                     brief = {k: v for k, v in res.items() if k not in ("errors",)}
-                    print(f"round {rnd + 1}/{args.rounds} {scenario:13s} {name:8s} {time.time() - t0:5.1f}s {json.dumps(brief)[:220]}", flush=True)
+                    print(
+                        f"round {rnd + 1}/{args.rounds} {scenario:13s} {name:8s} {time.time() - t0:5.1f}s {json.dumps(brief)[:220]}",
+                        flush=True,
+                    )
     finally:
         processes.stop_all()
 

@@ -214,8 +214,11 @@ class Soak:
     # -- processes
 
     def startUpstream(self, port: int) -> Child:
-        child = Child(f"upstream-{port}", [sys.executable, __file__, "--serve-upstream", str(port)],
-                      self.work / f"upstream-{port}.log")
+        child = Child(
+            f"upstream-{port}",
+            [sys.executable, __file__, "--serve-upstream", str(port)],
+            self.work / f"upstream-{port}.log",
+        )
         child.start()
         self.upstreams[port] = child
         return child
@@ -226,11 +229,16 @@ class Soak:
         config.write_text(
             "shutdown_timeout = 2\n"
             f"[upstream.app]\nservers = [{servers}]\nmax_fails = 1\nfail_timeout = 2\n"
-            f"[[server]]\nlisten = \"tcp:{self.proxyPort}:interface={LOOPBACK}:backlog=4096\"\n"
-            "proxy_pass = \"http://app\"\nproxy_connect_timeout = 2\naccess_log = false\n"
+            f'[[server]]\nlisten = "tcp:{self.proxyPort}:interface={LOOPBACK}:backlog=4096"\n'
+            'proxy_pass = "http://app"\nproxy_connect_timeout = 2\naccess_log = false\n'
         )
-        self.proxy = Child("wsproxy", [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
-                           self.work / "wsproxy.log", env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=self.work)
+        self.proxy = Child(
+            "wsproxy",
+            [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
+            self.work / "wsproxy.log",
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=self.work,
+        )
         self.proxy.start()
 
     async def listening(self, child: Child, port: int, timeout: float = 20.0) -> None:
@@ -239,12 +247,13 @@ class Soak:
         while True:
             try:
                 probe = await TCP4ClientEndpoint(self.reactor, LOOPBACK, port, timeout=1).connect(
-                    Factory.forProtocol(Protocol))
+                    Factory.forProtocol(Protocol)
+                )
             except Exception:
                 if not child.alive():
-                    raise RuntimeError(f"{child.name} exited: {child.log_tail()}")
+                    raise RuntimeError(f"{child.name} exited: {child.log_tail()}") from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{child.name}: port {port} not listening after {timeout:.0f}s")
+                    raise RuntimeError(f"{child.name}: port {port} not listening after {timeout:.0f}s") from None
                 await self.sleep(0.1)
             else:
                 probe.transport.loseConnection()
@@ -296,8 +305,10 @@ class Soak:
         else:
             self.stats.unexpectedCloses += 1
             self.stats.lost += unanswered
-            self.fault(f"tunnel {client.connectionId} via upstream {client.upstream} closed ({reason}) "
-                       f"with {unanswered} unanswered")
+            self.fault(
+                f"tunnel {client.connectionId} via upstream {client.upstream} closed ({reason}) "
+                f"with {unanswered} unanswered"
+            )
         client.pending.clear()
         self.stats.reconnects += 1
         self.connect(client.slot, random.uniform(0.2, 2.0))
@@ -356,8 +367,11 @@ class Soak:
         sampler = LoopingCall(self.sampleRss)
         sampler.start(0.5)
 
-        print(f"opening {args.tunnels} tunnels through wsproxy (pid {self.proxy.pid}, port {self.proxyPort}) "
-              f"to upstreams {self.upstreamPorts}", flush=True)
+        print(
+            f"opening {args.tunnels} tunnels through wsproxy (pid {self.proxy.pid}, port {self.proxyPort}) "
+            f"to upstreams {self.upstreamPorts}",
+            flush=True,
+        )
         for slot in range(args.tunnels):
             self.connect(slot, slot / 1000)  # 1,000 new tunnels a second
         await self.waitFor(lambda: self.openCount() == args.tunnels, 30)
@@ -401,15 +415,29 @@ class Soak:
         sampler.stop()
         s = self.stats
         return {
-            "duration_s": args.duration, "tunnels": args.tunnels, "rate_per_tunnel": args.rate,
-            "messages_sent": s.sent, "messages_received": s.received, "lost": s.lost, "corrupted": s.corrupted,
-            "unexpected_closes": s.unexpectedCloses, "upstream_restarts": self.restartCount,
-            "tunnels_cut": s.cut, "unanswered_on_cut_tunnels": s.unansweredOnCut, "reconnects": s.reconnects,
-            "handshake_failures_retried": s.handshakeFailures, "max_echo_ms": round(s.maxEchoSeconds * 1000, 1),
-            "proxy_rss_kib_start": rssBefore, "proxy_rss_kib_peak_sampled": rssPeakSampled,
-            "proxy_rss_kib_peak_vmhwm": peakHwm, "proxy_rss_kib_end": rssEnd,
-            "proxy_rss_kib_after_close": rssAfterClose, "proxy_fds_before": fdsBefore, "proxy_fds_after": fdsAfter,
-            "faults": s.faults, "corruptions": s.corruptions[:20],
+            "duration_s": args.duration,
+            "tunnels": args.tunnels,
+            "rate_per_tunnel": args.rate,
+            "messages_sent": s.sent,
+            "messages_received": s.received,
+            "lost": s.lost,
+            "corrupted": s.corrupted,
+            "unexpected_closes": s.unexpectedCloses,
+            "upstream_restarts": self.restartCount,
+            "tunnels_cut": s.cut,
+            "unanswered_on_cut_tunnels": s.unansweredOnCut,
+            "reconnects": s.reconnects,
+            "handshake_failures_retried": s.handshakeFailures,
+            "max_echo_ms": round(s.maxEchoSeconds * 1000, 1),
+            "proxy_rss_kib_start": rssBefore,
+            "proxy_rss_kib_peak_sampled": rssPeakSampled,
+            "proxy_rss_kib_peak_vmhwm": peakHwm,
+            "proxy_rss_kib_end": rssEnd,
+            "proxy_rss_kib_after_close": rssAfterClose,
+            "proxy_fds_before": fdsBefore,
+            "proxy_fds_after": fdsAfter,
+            "faults": s.faults,
+            "corruptions": s.corruptions[:20],
         }
 
     async def waitFor(self, condition: Any, timeout: float) -> bool:
@@ -431,9 +459,12 @@ class Soak:
 
     def progress(self) -> None:
         s = self.stats
-        print(f"  t={self.elapsed():5.1f}s open={self.openCount()} sent={s.sent} received={s.received} "
-              f"cut={s.cut} unexpected={s.unexpectedCloses} corrupted={s.corrupted} "
-              f"proxy_rss={self.rssSamples[-1] if self.rssSamples else 0} KiB", flush=True)
+        print(
+            f"  t={self.elapsed():5.1f}s open={self.openCount()} sent={s.sent} received={s.received} "
+            f"cut={s.cut} unexpected={s.unexpectedCloses} corrupted={s.corrupted} "
+            f"proxy_rss={self.rssSamples[-1] if self.rssSamples else 0} KiB",
+            flush=True,
+        )
 
 
 class TunnelClient(Protocol):

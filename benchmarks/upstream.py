@@ -219,11 +219,7 @@ def raise_nofile() -> None:
 
 async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
-    servers = [
-        await loop.create_server(
-            UpstreamProtocol, args.host, args.port, backlog=4096, reuse_address=True
-        )
-    ]
+    servers = [await loop.create_server(UpstreamProtocol, args.host, args.port, backlog=4096, reuse_address=True)]
     if args.tls_port:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(args.cert, args.key)

@@ -49,4 +49,3 @@ async def cleanup():
         stopping = port.stopListening()
         if stopping is not None:
             await stopping
-

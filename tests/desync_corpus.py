@@ -116,9 +116,7 @@ def _wire(text: str) -> bytes:
     try:
         return text.encode("latin-1")
     except UnicodeEncodeError:
-        return b"".join(
-            ch.encode("latin-1") if ord(ch) < 0x100 else ch.encode("utf-8") for ch in text
-        )
+        return b"".join(ch.encode("latin-1") if ord(ch) < 0x100 else ch.encode("utf-8") for ch in text)
 
 
 @dataclass(frozen=True)
@@ -166,9 +164,7 @@ class DesyncCase:
         turns on the version alone, not on a missing Host.  HTTP/1.0,
         HTTP/0.9, the empty version and ``"HTTP/1.1 HTTP/1.1"`` get none.
         """
-        return not self.hasHeader("host") and bool(
-            _HTTP11_LIKE.fullmatch(self.version.strip(_OWS))
-        )
+        return not self.hasHeader("host") and bool(_HTTP11_LIKE.fullmatch(self.version.strip(_OWS)))
 
     def toBytes(self, host: str = "example.com", body: bytes | None = None) -> bytes:
         """Render the request as the bytes a client would send.
@@ -224,11 +220,7 @@ class DesyncCase:
         for name, value in self.headers:
             key = name.strip(_OWS).lower()
             if key == "transfer-encoding":
-                codings.extend(
-                    c.split(";", 1)[0].strip(_OWS).lower()
-                    for c in value.split(",")
-                    if c.strip(_OWS)
-                )
+                codings.extend(c.split(";", 1)[0].strip(_OWS).lower() for c in value.split(",") if c.strip(_OWS))
             elif key == "content-length":
                 lengths.append(value.strip(_OWS))
         if codings:
@@ -262,10 +254,7 @@ def _loadFile(path: Path) -> list[DesyncCase]:
         tier = expected.get("tier") if isinstance(expected, dict) else None
         if tier not in TIERS:
             raise ValueError(f"{where}: expected.tier {tier!r} not one of {TIERS}")
-        headers = tuple(
-            (_field(h, "name", where), _field(h, "value", where))
-            for h in (raw.get("headers") or [])
-        )
+        headers = tuple((_field(h, "name", where), _field(h, "value", where)) for h in (raw.get("headers") or []))
         cases.append(
             DesyncCase(
                 file=path.name,

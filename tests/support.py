@@ -159,8 +159,10 @@ class ScriptedConnection(Protocol):
         if end < 0:
             return None
         head = self.pending[: end + 4]
-        if any(line.startswith(b"transfer-encoding:") and line.rstrip().endswith(b"chunked")
-               for line in head.lower().split(b"\r\n")):
+        if any(
+            line.startswith(b"transfer-encoding:") and line.rstrip().endswith(b"chunked")
+            for line in head.lower().split(b"\r\n")
+        ):
             last = self.pending.find(b"\r\n0\r\n\r\n", end)
             if last < 0:
                 return None
@@ -180,7 +182,9 @@ class ScriptedConnection(Protocol):
         self.lost.callback(None)
 
 
-def listenScripted(answer: Callable[[bytes, Any], bytes | None] | bytes, closeAfter: bool = True) -> tuple[Any, ScriptedUpstream]:
+def listenScripted(
+    answer: Callable[[bytes, Any], bytes | None] | bytes, closeAfter: bool = True
+) -> tuple[Any, ScriptedUpstream]:
     factory = ScriptedUpstream(answer, closeAfter)
     return reactor.listenTCP(0, factory, interface=LOOPBACK), factory
 

@@ -84,7 +84,9 @@ class ChurnUpstream(Protocol):
             head, self.buffer = self.buffer[:end], self.buffer[end + 4 :]
             lines = head.split(b"\r\n")
             target = lines[0].split(b" ")[1]
-            headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines[1:])}
+            headers = {
+                name.strip().lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines[1:])
+            }
             closing = headers.get(b"connection", b"").lower() == b"close"
             if headers.get(b"upgrade", b"").lower() == b"websocket":
                 accept = base64.b64encode(hashlib.sha1(headers[b"sec-websocket-key"] + WS_GUID).digest())
@@ -252,8 +254,14 @@ Scenario = Callable[[int], Awaitable[bool]]
 
 #: One round of 100 connections: half plain, half upgrades, and a few resets.
 MIX: list[Scenario] = (
-    [plainKeptAlive] * 26 + [plainConnectionClose] * 22 + [abortedHead] * 1 + [abortedWhileUpstreamThinks] * 1
-    + [websocketClientCloses] * 16 + [websocketClientDrops] * 16 + [websocketUpstreamCloses] * 16 + [abortedTunnel] * 2
+    [plainKeptAlive] * 26
+    + [plainConnectionClose] * 22
+    + [abortedHead] * 1
+    + [abortedWhileUpstreamThinks] * 1
+    + [websocketClientCloses] * 16
+    + [websocketClientDrops] * 16
+    + [websocketUpstreamCloses] * 16
+    + [abortedTunnel] * 2
 )
 
 
@@ -333,14 +341,17 @@ async def test_churn_leaves_no_descriptor_or_memory_behind(tmp_path: Path, clean
     config = tmp_path / "churn.toml"
     config.write_text(
         f"shutdown_timeout = 1\n"
-        f"[upstream.app]\nservers = [\"{LOOPBACK}:{upstream.getHost().port}\"]\nkeepalive = 8\nkeepalive_timeout = 1\n"
-        f"[[server]]\nlisten = \"tcp:{port}:interface={LOOPBACK}:backlog=1024\"\nproxy_pass = \"http://app\"\naccess_log = false\n"
+        f'[upstream.app]\nservers = ["{LOOPBACK}:{upstream.getHost().port}"]\nkeepalive = 8\nkeepalive_timeout = 1\n'
+        f'[[server]]\nlisten = "tcp:{port}:interface={LOOPBACK}:backlog=1024"\nproxy_pass = "http://app"\naccess_log = false\n'
     )
     log = tmp_path / "twistd.log"
     with log.open("wb") as output:
         process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
-            env=ENVIRONMENT, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            env=ENVIRONMENT,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
         )
     try:
         await waitListening(port, process, log)

@@ -34,7 +34,7 @@ def problem(tmp_path, text: str) -> str:
     message = str(caught.value)
     assert "\n" not in message
     assert message.startswith(f"{path}: ")
-    return message[len(f"{path}: "):]
+    return message[len(f"{path}: ") :]
 
 
 def test_the_example_file_loads_as_written(tmp_path):
@@ -52,8 +52,11 @@ def test_unknown_key(tmp_path):
 
 
 def test_wrong_type(tmp_path):
-    text = EXAMPLE.replace("proxy_read_timeout = 60", 'proxy_read_timeout = true')
-    assert problem(tmp_path, text) == "server[0].proxy_read_timeout: expected an integer or a number or a string, got a boolean"
+    text = EXAMPLE.replace("proxy_read_timeout = 60", "proxy_read_timeout = true")
+    assert (
+        problem(tmp_path, text)
+        == "server[0].proxy_read_timeout: expected an integer or a number or a string, got a boolean"
+    )
 
 
 def test_durations_and_sizes_take_nginx_units(tmp_path):
@@ -61,7 +64,9 @@ def test_durations_and_sizes_take_nginx_units(tmp_path):
     (server,) = loadConfig(write(tmp_path, text)).servers
     assert server.proxy_read_timeout == 120.0
     assert server.client_max_body_size == 10 * 1024 * 1024
-    assert problem(tmp_path, EXAMPLE.replace("= 60", '= "soon"')).startswith("server[0].proxy_read_timeout: not a duration")
+    assert problem(tmp_path, EXAMPLE.replace("= 60", '= "soon"')).startswith(
+        "server[0].proxy_read_timeout: not a duration"
+    )
 
 
 def test_proxy_pass_naming_no_upstream(tmp_path):

@@ -296,7 +296,14 @@ def test_argumentsBecomeASelection() -> None:
     assert options.reportDir == Path("out")
     assert options.serve is None
     assert options.selection.arguments() == [
-        "--parallelism", "2", "--include", "9.*", "--include", "1.1.1", "--exclude", "9.1.*"
+        "--parallelism",
+        "2",
+        "--include",
+        "9.*",
+        "--include",
+        "1.1.1",
+        "--exclude",
+        "9.1.*",
     ]
 
 

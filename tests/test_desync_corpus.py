@@ -65,10 +65,20 @@ DELIBERATE_REJECTIONS: dict[str, int] = {
 NORMALISED_AMBIGUOUS = frozenset({"ambiguous.yaml#9", "real-life-test-cases.yaml#3"})
 
 #: Headers the proxy writes itself, or removes as hop-by-hop (RFC 9110 §7.6.1).
-PROXY_WRITTEN = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
-                           b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade"})
+PROXY_WRITTEN = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"connection",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+    }
+)
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+)
 
 CHUNKED_BODY = b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"
 CHUNKED_REFRAMED = b"5\r\nhello\r\n0\r\n\r\n"

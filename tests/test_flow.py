@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 
 import pytest_twisted
+from support import LOOPBACK, sleep
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 
-from support import LOOPBACK, sleep
 from wsproxy.flow import ReadGate, writerFor
 
 

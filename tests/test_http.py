@@ -282,7 +282,13 @@ def test_an_absolute_form_target_with_userinfo_another_scheme_or_no_host_is_400(
 
 def test_connection_cannot_strip_host_or_forwarded_for():
     request = parseRequestHead(
-        head(b"GET / HTTP/1.1", b"Host: h", b"Connection: Host, X-Forwarded-For, X-Secret", b"X-Forwarded-For: 1.2.3.4", b"X-Secret: s")
+        head(
+            b"GET / HTTP/1.1",
+            b"Host: h",
+            b"Connection: Host, X-Forwarded-For, X-Secret",
+            b"X-Forwarded-For: 1.2.3.4",
+            b"X-Secret: s",
+        )
     )
     kept = endToEnd(request.headers, request.connectionTokens, frozenset())
     assert [name for name, _ in kept] == [b"Host", b"X-Forwarded-For"]
@@ -290,15 +296,30 @@ def test_connection_cannot_strip_host_or_forwarded_for():
 
 def test_hop_by_hop_headers_are_not_end_to_end():
     request = parseRequestHead(
-        head(b"GET / HTTP/1.1", b"Host: h", b"Keep-Alive: 5", b"Proxy-Connection: x", b"TE: trailers", b"Trailer: t", b"Upgrade: h2c", b"Connection: close")
+        head(
+            b"GET / HTTP/1.1",
+            b"Host: h",
+            b"Keep-Alive: 5",
+            b"Proxy-Connection: x",
+            b"TE: trailers",
+            b"Trailer: t",
+            b"Upgrade: h2c",
+            b"Connection: close",
+        )
     )
     assert endToEnd(request.headers, request.connectionTokens, frozenset()) == [(b"Host", b"h")]
 
 
-def websocketHandshake(version: bytes = b"HTTP/1.1", upgrade: bytes = b"websocket", key: bytes = b"dGhlIHNhbXBsZSBub25jZQ==") -> bytes:
+def websocketHandshake(
+    version: bytes = b"HTTP/1.1", upgrade: bytes = b"websocket", key: bytes = b"dGhlIHNhbXBsZSBub25jZQ=="
+) -> bytes:
     return head(
-        b"GET /ws " + version, b"Host: h", b"Connection: Upgrade", b"Upgrade: " + upgrade,
-        b"Sec-WebSocket-Key: " + key, b"Sec-WebSocket-Version: 13",
+        b"GET /ws " + version,
+        b"Host: h",
+        b"Connection: Upgrade",
+        b"Upgrade: " + upgrade,
+        b"Sec-WebSocket-Key: " + key,
+        b"Sec-WebSocket-Version: 13",
     )
 
 
@@ -374,8 +395,21 @@ def test_find_head_end_does_not_look_past_its_limit():
         head(b"HTTP/2 200 OK"),
         head(b"ICY 200 OK"),
     ],
-    ids=["CL+TE", "differing-CL", "signed-CL", "obs-fold", "space-before-colon", "NUL", "look-alike",
-         "gzip-only", "gzip-chunked", "TE-in-1.0", "four-digit-status", "HTTP/2", "ICY"],
+    ids=[
+        "CL+TE",
+        "differing-CL",
+        "signed-CL",
+        "obs-fold",
+        "space-before-colon",
+        "NUL",
+        "look-alike",
+        "gzip-only",
+        "gzip-chunked",
+        "TE-in-1.0",
+        "four-digit-status",
+        "HTTP/2",
+        "ICY",
+    ],
 )
 def test_a_malformed_or_ambiguous_response_is_502(data):
     assert responseRefusal(data) == 502
@@ -402,9 +436,22 @@ def test_chunk_extensions_and_trailer_fields_are_dropped():
 
 
 @pytest.mark.parametrize(
-    "line", [b"0x5", b"+5", b"-5", b" 5", b"5 ", b"5\t", b"1" + b"0" * 16, b"", b"g", b"5;", b"5;a b", b"5;a="],
-    ids=["0x", "plus", "minus", "leading-SP", "trailing-SP", "trailing-HTAB", "17-digits", "empty", "not-hex",
-         "empty-ext", "ext-SP-garbage", "ext-no-value"],
+    "line",
+    [b"0x5", b"+5", b"-5", b" 5", b"5 ", b"5\t", b"1" + b"0" * 16, b"", b"g", b"5;", b"5;a b", b"5;a="],
+    ids=[
+        "0x",
+        "plus",
+        "minus",
+        "leading-SP",
+        "trailing-SP",
+        "trailing-HTAB",
+        "17-digits",
+        "empty",
+        "not-hex",
+        "empty-ext",
+        "ext-SP-garbage",
+        "ext-no-value",
+    ],
 )
 def test_an_invalid_chunk_size_line_is_400(line):
     assert chunkRefusal(line + b"\r\nhello\r\n0\r\n\r\n") == 400
@@ -477,7 +524,9 @@ def test_cve_2020_10108_two_content_lengths():
 
 
 def test_cve_2020_10109_content_length_and_chunked():
-    data = CRLF.join([b"GET /a HTTP/1.1", b"Transfer-Encoding: chunked", b"Content-Length: 0", b"Host: host.invalid", b"", b""])
+    data = CRLF.join(
+        [b"GET /a HTTP/1.1", b"Transfer-Encoding: chunked", b"Content-Length: 0", b"Host: host.invalid", b"", b""]
+    )
     assert refusal(data) == 400
 
 
@@ -487,12 +536,16 @@ def test_cve_2022_24801_signed_content_length(value):
     assert refusal(data) == 400
 
 
-@pytest.mark.parametrize("body", [b"0x3\r\nabc\r\n", b"-3\r\nabc\r\n", b"3; \n\r\nabc\r\n"], ids=["0x", "negative", "LF-in-ext"])
+@pytest.mark.parametrize(
+    "body", [b"0x3\r\nabc\r\n", b"-3\r\nabc\r\n", b"3; \n\r\nabc\r\n"], ids=["0x", "negative", "LF-in-ext"]
+)
 def test_cve_2022_24801_chunk_sizes_and_extensions(body):
     assert chunkRefusal(body) == 400
 
 
-@pytest.mark.parametrize("field", [b"Content-Length: \x0b5", b"Content-Length: 5\x0c", b"Transfer-Encoding: \x0bchunked"])
+@pytest.mark.parametrize(
+    "field", [b"Content-Length: \x0b5", b"Content-Length: 5\x0c", b"Transfer-Encoding: \x0bchunked"]
+)
 def test_cve_2022_24801_only_space_and_tab_are_stripped_from_values(field):
     assert refusal(post(field)) == 400
 
@@ -510,7 +563,7 @@ VALID = [
     websocketHandshake(),
     head(b"OPTIONS * HTTP/1.0", b"X-B: \x01c"),
 ]
-INTERESTING = st.sampled_from(list(b"\x00\r\n\t :;,\"\\\x01\x7f\x80\xff0aA-_/#?@"))
+INTERESTING = st.sampled_from(list(b'\x00\r\n\t :;,"\\\x01\x7f\x80\xff0aA-_/#?@'))
 
 
 def parseOrRefuse(data: bytes):

@@ -22,13 +22,17 @@ from support import (
 async def test_request_line_and_header_section_limits(cleanup):
     upstream, factory = listenScripted(ok())
     cleanup.port(upstream)
-    proxy = await startProxyFor(cleanup, upstream.getHost().port, max_request_line=100, max_header_size=300, max_headers=5)
+    proxy = await startProxyFor(
+        cleanup, upstream.getHost().port, max_request_line=100, max_header_size=300, max_headers=5
+    )
     port = proxy.ports[0]
     longLine = await exchange(port, b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     assert longLine.startswith(b"HTTP/1.1 414 ")
     bigHeaders = await exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"b" * 400 + b"\r\n\r\n")
     assert bigHeaders.startswith(b"HTTP/1.1 431 ")
-    many = await exchange(port, b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(6)) + b"\r\n")
+    many = await exchange(
+        port, b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(6)) + b"\r\n"
+    )
     assert many.startswith(b"HTTP/1.1 431 ")
     assert factory.requests == []
 
@@ -54,10 +58,13 @@ async def test_request_body_size_limit(cleanup):
     declared = await exchange(proxy.ports[0], b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world")
     assert declared.startswith(b"HTTP/1.1 413 ")
     chunked = await exchange(
-        proxy.ports[0], b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n"
+        proxy.ports[0],
+        b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nhello \r\n5\r\nworld\r\n0\r\n\r\n",
     )
     assert chunked.startswith(b"HTTP/1.1 413 ")
-    fits = await exchange(proxy.ports[0], b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+    fits = await exchange(
+        proxy.ports[0], b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
+    )
     assert fits.startswith(b"HTTP/1.1 200 ")
 
 
@@ -148,8 +155,9 @@ async def test_upgrades_other_than_websocket_are_not_forwarded(cleanup):
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     response = await exchange(
-        proxy.ports[0], b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings, close\r\n"
-        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        proxy.ports[0],
+        b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, HTTP2-Settings, close\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
     )
     sent = factory.requests[0].lower()
     assert b"upgrade" not in sent and b"http2-settings" not in sent

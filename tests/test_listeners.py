@@ -92,11 +92,21 @@ async def test_reload_applies_to_new_requests_and_keeps_tunnels(cleanup):
     assert (await exchange(port, GET_CLOSE)).endswith(b"first")
 
     listen = proxy.listeners[0].block.listen
-    proxy.reload(parseConfig({
-        "upstream": {"app": {"servers": [f"127.0.0.1:{second.getHost().port}"]}},
-        "server": [{"listen": listen, "proxy_pass": "http://app", "access_log": False,
-                    "add_header": {"X-Reloaded": "yes"}}],
-    }))
+    proxy.reload(
+        parseConfig(
+            {
+                "upstream": {"app": {"servers": [f"127.0.0.1:{second.getHost().port}"]}},
+                "server": [
+                    {
+                        "listen": listen,
+                        "proxy_pass": "http://app",
+                        "access_log": False,
+                        "add_header": {"X-Reloaded": "yes"},
+                    }
+                ],
+            }
+        )
+    )
     response = await exchange(port, GET_CLOSE)
     assert response.endswith(b"second") and b"X-Reloaded: yes\r\n" in response
     assert not tunnel.closed.called
@@ -132,9 +142,14 @@ def test_sighup_reloads_a_running_twistd(tmp_path):
     config = tmp_path / "wsproxy.toml"
     template = '[upstream.app]\nservers = ["127.0.0.1:{}"]\n[[server]]\nlisten = "tcp:{}:interface=127.0.0.1"\nproxy_pass = "http://app"\n'
     config.write_text(template.format(portA, listenPort))
-    process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)], env=ENVIRONMENT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
+        env=ENVIRONMENT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
+
         def ask() -> int:
             deadline = time.monotonic() + 15
             while True:

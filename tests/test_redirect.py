@@ -45,8 +45,13 @@ async def redirector(cleanup, target: str = "308 https://$host:8443$request_uri"
     return service.ports[0]
 
 
-def request(target: bytes = b"/", host: bytes | None = b"example.com", method: bytes = b"GET",
-            version: bytes = b"HTTP/1.1", extra: bytes = b"Connection: close\r\n") -> bytes:
+def request(
+    target: bytes = b"/",
+    host: bytes | None = b"example.com",
+    method: bytes = b"GET",
+    version: bytes = b"HTTP/1.1",
+    extra: bytes = b"Connection: close\r\n",
+) -> bytes:
     hostLine = b"Host: " + host + b"\r\n" if host is not None else b""
     return b"%b %b %b\r\n%b%b\r\n" % (method, target, version, hostLine, extra)
 
@@ -148,8 +153,16 @@ async def test_a_malformed_request_line_is_refused(cleanup, line):
     assert b"location" not in headers(response)
 
 
-@pytest.mark.parametrize("code, phrase", [(301, b"Moved Permanently"), (302, b"Found"), (303, b"See Other"),
-                                          (307, b"Temporary Redirect"), (308, b"Permanent Redirect")])
+@pytest.mark.parametrize(
+    "code, phrase",
+    [
+        (301, b"Moved Permanently"),
+        (302, b"Found"),
+        (303, b"See Other"),
+        (307, b"Temporary Redirect"),
+        (308, b"Permanent Redirect"),
+    ],
+)
 @pytest_twisted.ensureDeferred
 async def test_redirect_codes(cleanup, code, phrase):
     port = await redirector(cleanup, f"{code} https://$host$request_uri")
@@ -158,8 +171,9 @@ async def test_redirect_codes(cleanup, code, phrase):
     assert headers(response)[b"location"] == b"https://example.com/x"
 
 
-@pytest.mark.parametrize("method", [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE",
-                                    b"PROPFIND"])
+@pytest.mark.parametrize(
+    "method", [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"TRACE", b"PROPFIND"]
+)
 @pytest_twisted.ensureDeferred
 async def test_every_method_is_answered(cleanup, method):
     port = await redirector(cleanup)
@@ -245,8 +259,9 @@ async def test_no_hsts_on_the_plain_http_listener(cleanup):
     observer = lambda event: warnings.append(formatEvent(event))  # noqa: E731
     globalLogPublisher.addObserver(observer)
     try:
-        port = await redirector(cleanup, add_header={"Strict-Transport-Security": "max-age=31536000",
-                                                     "X-Served-By": "wsproxy"})
+        port = await redirector(
+            cleanup, add_header={"Strict-Transport-Security": "max-age=31536000", "X-Served-By": "wsproxy"}
+        )
     finally:
         globalLogPublisher.removeObserver(observer)
     for data in (request(b"/"), request(b"/?x", host=b"bad/host")):
@@ -325,10 +340,12 @@ async def test_challenge_traversal_is_404(cleanup, webroot, token):
     [
         ({"return": "308 https://$host$uri"}, "server[0].return: unknown variable $uri"),
         ({"return": "308 https://bücher.example/"}, "server[0].return: the URL must be ASCII"),
-        ({"return": "200 https://example.com/"}, "server[0].return: expected \"CODE URL\""),
+        ({"return": "200 https://example.com/"}, 'server[0].return: expected "CODE URL"'),
         ({"proxy_pass": "http://app", "acme_challenge_root": "/"}, "server[0].acme_challenge_root: only a redirect"),
-        ({"return": "308 https://$host/", "acme_challenge_root": "/nonexistent/dir"},
-         "server[0].acme_challenge_root: not a directory"),
+        (
+            {"return": "308 https://$host/", "acme_challenge_root": "/nonexistent/dir"},
+            "server[0].acme_challenge_root: not a directory",
+        ),
     ],
 )
 def test_redirect_configuration_errors_name_the_key(block, problem):

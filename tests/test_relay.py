@@ -183,7 +183,10 @@ async def test_content_length_request_body_is_forwarded(cleanup):
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     body = bytes(range(256)) * 400
-    await exchange(proxy.ports[0], b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
+    await exchange(
+        proxy.ports[0],
+        b"PUT /x HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body),
+    )
     assert factory.requests[0].endswith(b"\r\n\r\n" + body)
     assert b"Content-Length: %d\r\n" % len(body) in factory.requests[0]
 
@@ -195,7 +198,7 @@ async def test_response_framings_are_relayed_right(cleanup):
         b"/close": b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
         b"/head": b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n",
         b"/204": b"HTTP/1.1 204 No Content\r\n\r\n",
-        b"/304": b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+        b"/304": b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n',
         b"/100": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
     }
     upstream, _ = listenScripted(lambda request, c: answers[request.split(b" ")[1]])
@@ -220,7 +223,9 @@ async def test_response_framings_are_relayed_right(cleanup):
         assert b"chunked" not in response
 
     interim = await exchange(port, b"GET /100 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-    assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\n")
+    assert interim.startswith(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\n"
+    )
     assert interim.endswith(b"\r\n\r\nok")
 
 
@@ -259,7 +264,9 @@ async def test_upstream_closing_mid_body_truncates_the_response(cleanup):
 @pytest_twisted.ensureDeferred
 async def test_bytes_after_a_response_are_never_served_to_the_next_request(cleanup):
     smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED"
-    upstream, factory = listenScripted(lambda request, c: ok(b"first") + smuggled if len(factory.requests) == 1 else ok(b"second"))
+    upstream, factory = listenScripted(
+        lambda request, c: ok(b"first") + smuggled if len(factory.requests) == 1 else ok(b"second")
+    )
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
@@ -290,7 +297,9 @@ async def test_malformed_upstream_responses_are_502(cleanup):
 
 @pytest_twisted.ensureDeferred
 async def test_a_bad_chunk_from_the_upstream_cuts_the_response(cleanup):
-    upstream, _ = listenScripted(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", closeAfter=False)
+    upstream, _ = listenScripted(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n", closeAfter=False
+    )
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     response = await exchange(proxy.ports[0], GET)
@@ -351,7 +360,9 @@ async def test_a_large_body_sent_before_the_upstream_connects_is_forwarded_whole
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     body = bytes(range(256)) * (4_000_000 // 256)
     client = await connectRaw(proxy.ports[0])
-    client.transport.write(b"PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body))
+    client.transport.write(
+        b"PUT /big HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b" % (len(body), body)
+    )
     response = await client.waitClosed(timeout=20)
     assert response is not None and response.startswith(b"HTTP/1.1 200 ")
     assert factory.requests[0].endswith(b"\r\n\r\n" + body)
@@ -368,9 +379,8 @@ async def test_an_http10_request_without_host_is_forwarded_with_the_listeners_ad
 
 @pytest_twisted.ensureDeferred
 async def test_one_access_log_event_per_request_and_per_finished_tunnel(cleanup):
-    from twisted.logger import formatEvent, globalLogPublisher
-
     from support import switching, upgradeRequest
+    from twisted.logger import formatEvent, globalLogPublisher
 
     events = []
     observer = lambda event: events.append(event) if event.get("log_namespace") == "wsproxy.access" else None
@@ -381,7 +391,9 @@ async def test_one_access_log_event_per_request_and_per_finished_tunnel(cleanup)
         )
         cleanup.port(upstream)
         proxy = await startProxyFor(cleanup, upstream.getHost().port, access_log=True)
-        await exchange(proxy.ports[0], b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc")
+        await exchange(
+            proxy.ports[0], b"POST /form HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
+        )
         client = await connectRaw(proxy.ports[0])
         client.transport.write(upgradeRequest() + b"ping")
         await client.waitFor(b"\r\n\r\n")
@@ -397,8 +409,13 @@ async def test_one_access_log_event_per_request_and_per_finished_tunnel(cleanup)
     request, tunnel = events
     server = f"127.0.0.1:{upstream.getHost().port}"
     assert {k: request[k] for k in ("client", "method", "target", "status", "upstream", "bytesIn", "bytesOut")} == {
-        "client": "127.0.0.1", "method": "POST", "target": "/form", "status": 200, "upstream": server,
-        "bytesIn": 3, "bytesOut": 5,
+        "client": "127.0.0.1",
+        "method": "POST",
+        "target": "/form",
+        "status": 200,
+        "upstream": server,
+        "bytesIn": 3,
+        "bytesOut": 5,
     }
     assert re.fullmatch(r'127\.0\.0\.1 "POST /form" 200 upstream=\S+ in=3 out=5 \d+\.\d{3}s', formatEvent(request))
     assert (tunnel["status"], tunnel["bytesIn"], tunnel["bytesOut"], tunnel["closedBy"]) == (101, 4, 5, "client")

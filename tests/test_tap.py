@@ -27,8 +27,10 @@ def test_twistd_lists_the_plugin():
     "text, expected",
     [
         ('[[server]]\nlisten = "tcp:0"\nproxy_pass = "http://nope"\n', "server[0].proxy_pass: no [upstream.nope]"),
-        ('[upstream.a]\nservers = ["x:1"]\n[[server]]\nlisten = "tcp:0"\nproxy_pass = "http://a"\nbogus = 1\n',
-         "server[0].bogus: unknown key"),
+        (
+            '[upstream.a]\nservers = ["x:1"]\n[[server]]\nlisten = "tcp:0"\nproxy_pass = "http://a"\nbogus = 1\n',
+            "server[0].bogus: unknown key",
+        ),
     ],
 )
 def test_a_bad_configuration_stops_twistd_with_one_line(tmp_path, text, expected):

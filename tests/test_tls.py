@@ -127,8 +127,15 @@ class TLSClient:
     next.
     """
 
-    def __init__(self, caFile: str, minimum: ssl.TLSVersion | None = None, maximum: ssl.TLSVersion | None = None,
-                 ciphers: str | None = None, alpn: list[str] | None = None, tickets: bool = True) -> None:
+    def __init__(
+        self,
+        caFile: str,
+        minimum: ssl.TLSVersion | None = None,
+        maximum: ssl.TLSVersion | None = None,
+        ciphers: str | None = None,
+        alpn: list[str] | None = None,
+        tickets: bool = True,
+    ) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(caFile)
         if minimum is not None and minimum < ssl.TLSVersion.TLSv1_2:
@@ -147,13 +154,17 @@ class TLSClient:
             context.options |= ssl.OP_NO_TICKET
         self.context = context
 
-    def connect(self, port: int, serverName: str | None = "localhost", session: ssl.SSLSession | None = None,
-                request: bytes = GET_CLOSE) -> Deferred:
+    def connect(
+        self,
+        port: int,
+        serverName: str | None = "localhost",
+        session: ssl.SSLSession | None = None,
+        request: bytes = GET_CLOSE,
+    ) -> Deferred:
         """Handshake, send C{request}, read until the server closes; fire with a L{Handshake}."""
         return deferToThread(self._connect, port, serverName, session, request)
 
-    def _connect(self, port: int, serverName: str | None, session: ssl.SSLSession | None,
-                 request: bytes) -> Handshake:
+    def _connect(self, port: int, serverName: str | None, session: ssl.SSLSession | None, request: bytes) -> Handshake:
         self.context.check_hostname = serverName is not None
         with socket.create_connection((LOOPBACK, port), timeout=5) as raw:
             with self.context.wrap_socket(raw, server_hostname=serverName, session=session) as tls:
@@ -310,8 +321,19 @@ async def test_openssl_s_client_reports_a_reused_session(cleanup, pki, tmp_path,
     upstream, _ = await okUpstream(cleanup)
     proxy = await tlsProxy(cleanup, pki, upstream)
     session = str(tmp_path / "session.pem")
-    base = ["openssl", "s_client", "-connect", f"{LOOPBACK}:{proxy.ports[0]}", "-servername", "localhost",
-            "-CAfile", pki.caFile, "-verify_return_error", "-ign_eof", flag]
+    base = [
+        "openssl",
+        "s_client",
+        "-connect",
+        f"{LOOPBACK}:{proxy.ports[0]}",
+        "-servername",
+        "localhost",
+        "-CAfile",
+        pki.caFile,
+        "-verify_return_error",
+        "-ign_eof",
+        flag,
+    ]
 
     def run(*extra: str) -> str:
         done = subprocess.run([*base, *extra], input=GET_CLOSE, capture_output=True, timeout=20)
@@ -375,8 +397,11 @@ async def test_sni_picks_the_certificate(cleanup, pki):
     exact, exactKey, exactSerial = pki.issue("exact", "api.test")
     wildcard, wildcardKey, wildcardSerial = pki.issue("wildcard", "*.example.com")
     proxy = await tlsProxy(
-        cleanup, pki, upstream,
-        ssl_certificate=default, ssl_certificate_key=defaultKey,
+        cleanup,
+        pki,
+        upstream,
+        ssl_certificate=default,
+        ssl_certificate_key=defaultKey,
         ssl_certificates=[
             {"server_name": "API.test", "certificate": exact, "key": exactKey},
             {"server_name": "*.example.com", "certificate": wildcard, "key": wildcardKey},
@@ -536,8 +561,13 @@ def listenTLSUpstream(cleanup, pki: PKI, body: bytes, *identities: str, ca: trus
 
 
 def tlsUpstreamTable(pki: PKI, port: int) -> dict[str, Any]:
-    return {"app": {"servers": [f"https://{LOOPBACK}:{port}"], "proxy_ssl_trusted_certificate": pki.caFile,
-                    "proxy_ssl_name": "app.internal"}}
+    return {
+        "app": {
+            "servers": [f"https://{LOOPBACK}:{port}"],
+            "proxy_ssl_trusted_certificate": pki.caFile,
+            "proxy_ssl_name": "app.internal",
+        }
+    }
 
 
 @pytest_twisted.ensureDeferred
@@ -698,8 +728,10 @@ def twistdConfig(tmp_path: Path, pki: PKI, **overrides: str) -> Path:
     settings = {"ssl_certificate": f'"{certificate}"', "ssl_certificate_key": f'"{key}"', **overrides}
     lines = "\n".join(f"{name} = {value}" for name, value in settings.items())
     path = tmp_path / "wsproxy.toml"
-    path.write_text(f'[upstream.app]\nservers = ["127.0.0.1:9"]\n[[server]]\nlisten = "tcp:0:interface=127.0.0.1"\n'
-                    f'proxy_pass = "http://app"\n{lines}\n')
+    path.write_text(
+        f'[upstream.app]\nservers = ["127.0.0.1:9"]\n[[server]]\nlisten = "tcp:0:interface=127.0.0.1"\n'
+        f'proxy_pass = "http://app"\n{lines}\n'
+    )
     return path
 
 
@@ -730,8 +762,11 @@ async def test_twistd_refuses_a_bad_tls_setting_in_one_line(pki, tmp_path, probl
     if problem == "not-a-key":
         (tmp_path / "server.key").write_text("not a key\n")
     done = await deferToThread(
-        subprocess.run, [sys.executable, "-m", "twisted", "wsproxy", "--config", str(path)],
-        cwd=REPO, capture_output=True, timeout=60,
+        subprocess.run,
+        [sys.executable, "-m", "twisted", "wsproxy", "--config", str(path)],
+        cwd=REPO,
+        capture_output=True,
+        timeout=60,
     )
     assert done.returncode == 1
     lines = done.stderr.decode().strip().splitlines()
@@ -774,10 +809,20 @@ async def runTwistdAs(user: pwd.struct_passwd, config: Path, tlsPort: int, caFil
     """
     twistd = Path(sys.executable).parent / "twistd"
     process = subprocess.Popen(
-        [str(twistd), "--nodaemon", "--pidfile=", f"--uid={user.pw_uid}", f"--gid={user.pw_gid}",
-         "wsproxy", "--config", str(config)],
-        cwd=config.parent, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            str(twistd),
+            "--nodaemon",
+            "--pidfile=",
+            f"--uid={user.pw_uid}",
+            f"--gid={user.pw_gid}",
+            "wsproxy",
+            "--config",
+            str(config),
+        ],
+        cwd=config.parent,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 30

@@ -116,19 +116,30 @@ async def test_upgrade_is_forwarded_with_connection_upgrade_and_end_to_end_heade
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
-    client.transport.write(upgradeRequest(extra=b"Origin: https://site\r\nSec-WebSocket-Protocol: chat\r\nCookie: c=1\r\n"))
+    client.transport.write(
+        upgradeRequest(extra=b"Origin: https://site\r\nSec-WebSocket-Protocol: chat\r\nCookie: c=1\r\n")
+    )
     received = await client.waitFor(b"\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     sent = factory.requests[0].lower()
-    for line in (b"connection: upgrade", b"upgrade: websocket", b"origin: https://site", b"sec-websocket-protocol: chat",
-                 b"cookie: c=1", b"sec-websocket-version: 13", b"sec-websocket-key: " + KEY.lower()):
+    for line in (
+        b"connection: upgrade",
+        b"upgrade: websocket",
+        b"origin: https://site",
+        b"sec-websocket-protocol: chat",
+        b"cookie: c=1",
+        b"sec-websocket-version: 13",
+        b"sec-websocket-key: " + KEY.lower(),
+    ):
         assert b"\r\n" + line + b"\r\n" in sent
     client.transport.loseConnection()
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_101_with_a_wrong_accept_is_502_and_no_tunnel(cleanup):
-    upstream, factory = listenScripted(switching(key=base64.b64encode(b"another key 1234")) + b"\x81\x02hi", closeAfter=False)
+    upstream, factory = listenScripted(
+        switching(key=base64.b64encode(b"another key 1234")) + b"\x81\x02hi", closeAfter=False
+    )
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     client = await connectRaw(proxy.ports[0])
@@ -162,8 +173,9 @@ async def test_upstream_dying_closes_the_client_promptly_and_the_other_way_round
 async def test_tunnels_have_no_idle_timeout_unless_configured(cleanup):
     upstream, factory = listenScripted(switching(), closeAfter=False)
     cleanup.port(upstream)
-    quiet = await startProxyFor(cleanup, upstream.getHost().port, proxy_read_timeout=0.2, keepalive_timeout=0.2,
-                           client_header_timeout=0.2)
+    quiet = await startProxyFor(
+        cleanup, upstream.getHost().port, proxy_read_timeout=0.2, keepalive_timeout=0.2, client_header_timeout=0.2
+    )
     watched = await startProxyFor(cleanup, upstream.getHost().port, websocket_idle_timeout=0.3)
     clients = []
     for proxy in (quiet, watched):

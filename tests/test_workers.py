@@ -62,8 +62,10 @@ def get(port: int, upstreams: list[TinyUpstream]) -> bytes:
                     continue
                 with connection:
                     connection.recv(65536)
-                    connection.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b"
-                                       % (len(upstream.body), upstream.body))
+                    connection.sendall(
+                        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%b"
+                        % (len(upstream.body), upstream.body)
+                    )
                 response = b""
                 while chunk := client.recv(65536):
                     response += chunk
@@ -74,14 +76,21 @@ def test_workers_share_the_listener_restart_and_follow_signals(tmp_path):
     one, two = TinyUpstream(b"one"), TinyUpstream(b"two")
     port = freePort()
     config = tmp_path / "wsproxy.toml"
-    template = ('workers = 2\n[upstream.app]\nservers = ["127.0.0.1:{}"]\nkeepalive = 0\n'
-                '[[server]]\nlisten = "tcp:{}:interface=127.0.0.1"\nproxy_pass = "http://app"\n')
+    template = (
+        'workers = 2\n[upstream.app]\nservers = ["127.0.0.1:{}"]\nkeepalive = 0\n'
+        '[[server]]\nlisten = "tcp:{}:interface=127.0.0.1"\nproxy_pass = "http://app"\n'
+    )
     config.write_text(template.format(one.port, port))
     log = tmp_path / "twistd.log"
     with open(log, "wb") as output:
-        parent = subprocess.Popen([TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
-                                  env=ENVIRONMENT, stdout=output, stderr=subprocess.STDOUT)
+        parent = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
+            env=ENVIRONMENT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
+
         def workerPids(without: int = 0) -> set[int] | None:
             pids = childrenOf(parent.pid)
             return pids if len(pids) == 2 and without not in pids else None

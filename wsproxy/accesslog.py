@@ -24,11 +24,26 @@ def logRequest(
 ) -> None:
     """Log one request: C{127.0.0.1 "GET /" 200 upstream=... in=0 out=20 0.001s}."""
     line = '%s "%s %s" %d upstream=%s in=%d out=%d %.3fs' % (
-        client, method, target, status, upstream, bytesIn, bytesOut, duration,
+        client,
+        method,
+        target,
+        status,
+        upstream,
+        bytesIn,
+        bytesOut,
+        duration,
     )
     log.info(
-        "{line}", line=line, client=client, method=method, target=target, status=status, upstream=upstream,
-        bytesIn=bytesIn, bytesOut=bytesOut, duration=duration,
+        "{line}",
+        line=line,
+        client=client,
+        method=method,
+        target=target,
+        status=status,
+        upstream=upstream,
+        bytesIn=bytesIn,
+        bytesOut=bytesOut,
+        duration=duration,
     )
 
 
@@ -37,9 +52,25 @@ def logTunnel(
 ) -> None:
     """Log a finished tunnel, with who closed it."""
     line = '%s "%s %s" 101 tunnel upstream=%s in=%d out=%d %.3fs closed by %s' % (
-        client, method, target, upstream, bytesIn, bytesOut, duration, side,
+        client,
+        method,
+        target,
+        upstream,
+        bytesIn,
+        bytesOut,
+        duration,
+        side,
     )
     log.info(
-        "{line}", line=line, client=client, method=method, target=target, status=101, upstream=upstream,
-        bytesIn=bytesIn, bytesOut=bytesOut, duration=duration, closedBy=side,
+        "{line}",
+        line=line,
+        client=client,
+        method=method,
+        target=target,
+        status=101,
+        upstream=upstream,
+        bytesIn=bytesIn,
+        bytesOut=bytesOut,
+        duration=duration,
+        closedBy=side,
     )

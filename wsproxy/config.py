@@ -235,8 +235,7 @@ class _Reader:
 
 
 def _kindName(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean",
-             list: "a list", dict: "a table"}
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "a table"}
     return " or ".join(names.get(kind, kind.__name__) for kind in kinds)
 
 
@@ -315,13 +314,13 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
     proxyPass = reader.get("proxy_pass", str)
     returnValue = reader.get("return", str)
     if proxyPass is None and returnValue is None:
-        raise reader.fail("proxy_pass", "is required (or give return = \"308 https://...\")")
+        raise reader.fail("proxy_pass", 'is required (or give return = "308 https://...")')
     if proxyPass is not None and returnValue is not None:
         raise reader.fail("return", "cannot be combined with proxy_pass")
     if proxyPass is not None:
         name = proxyPass.removeprefix("http://")
         if name == proxyPass:
-            raise reader.fail("proxy_pass", f"expected \"http://UPSTREAM\", got {proxyPass!r}")
+            raise reader.fail("proxy_pass", f'expected "http://UPSTREAM", got {proxyPass!r}')
         if name not in upstreams:
             known = ", ".join(sorted(upstreams)) or "none defined"
             raise reader.fail("proxy_pass", f"no [upstream.{name}] (known: {known})")
@@ -330,7 +329,7 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
     if returnValue is not None:
         code, _, target = returnValue.partition(" ")
         if code not in _REDIRECT_CODES or not target.strip():
-            raise reader.fail("return", f"expected \"CODE URL\" with CODE one of {', '.join(_REDIRECT_CODES)}")
+            raise reader.fail("return", f'expected "CODE URL" with CODE one of {", ".join(_REDIRECT_CODES)}')
         if not re.fullmatch(r"[\x21-\x7e]+", target.strip()):
             raise reader.fail("return", "the URL must be ASCII without spaces or control characters (punycode an IDN)")
         unknown = sorted(set(_RETURN_VARIABLE.findall(target)) - set(_RETURN_VARIABLES))
@@ -429,7 +428,7 @@ def _readTLS(reader: _Reader, values: dict[str, Any]) -> None:
     values["ssl_protocols"] = protocols
     ciphers = reader.get("ssl_ciphers", str)
     if ciphers is not None and (not ciphers.strip() or not ciphers.isascii()):
-        raise reader.fail("ssl_ciphers", "expected an OpenSSL cipher string such as \"ECDHE+AESGCM\"")
+        raise reader.fail("ssl_ciphers", 'expected an OpenSSL cipher string such as "ECDHE+AESGCM"')
     values["ssl_ciphers"] = ciphers
     values["ssl_prefer_server_ciphers"] = reader.get("ssl_prefer_server_ciphers", bool, True)
     values["ssl_session_cache"] = _sessionCache(reader)
@@ -464,7 +463,7 @@ def _sessionCache(reader: _Reader) -> int:
         text = size if name else ""
     match = _SIZE.match(text)
     if match is None:
-        raise reader.fail("ssl_session_cache", f"not a cache size: {value!r} (use \"10m\", \"shared:SSL:10m\" or \"off\")")
+        raise reader.fail("ssl_session_cache", f'not a cache size: {value!r} (use "10m", "shared:SSL:10m" or "off")')
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
 
 
@@ -517,4 +516,3 @@ def loadConfig(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "(syntax)", str(e)) from None
     return parseConfig(document, source)
-

@@ -69,5 +69,3 @@ def makeDemoService(port: int, reactor: Any) -> MultiService:
     )
     makeService(config, reactor).setServiceParent(top)
     return top
-
-

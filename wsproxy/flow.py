@@ -13,7 +13,8 @@ for another reason, and a buffer would grow without bound.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer

@@ -73,7 +73,10 @@ _STATUS_LINE = re.compile(rb"(HTTP/1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]+)(?::[0-9]*)?")
 _ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+\-.]*)://([^/?#]*)(.*)")
 _CHUNK_EXT = re.compile(
-    rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN
+    rb"(?:[ \t]*;[ \t]*"
+    + _TOKEN
+    + rb"(?:[ \t]*=[ \t]*(?:"
+    + _TOKEN
     + rb'|"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"))?)*'
 )
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
@@ -547,7 +550,16 @@ class ChunkedDecoder(BodyDecoder):
     """
 
     _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-    __slots__ = ("_state", "_remaining", "_buffer", "_status", "_trailerBytes", "_extensionBytes", "_payloadBytes", "done")
+    __slots__ = (
+        "_state",
+        "_remaining",
+        "_buffer",
+        "_status",
+        "_trailerBytes",
+        "_extensionBytes",
+        "_payloadBytes",
+        "done",
+    )
 
     maxLine = 4096
     maxTrailer = 16384

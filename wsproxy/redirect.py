@@ -40,7 +40,9 @@ _HOSTNAME = re.compile(
     rb"(?::(?P<port>[0-9]{1,5}))?"
 )
 _MAX_HOSTNAME = 253
-_VARIABLE = re.compile(r"\$(?:\{(host|request_uri|scheme|server_port|server_name)\}|(host|request_uri|scheme|server_port|server_name)\b)")
+_VARIABLE = re.compile(
+    r"\$(?:\{(host|request_uri|scheme|server_port|server_name)\}|(host|request_uri|scheme|server_port|server_name)\b)"
+)
 #: The characters of an ACME token (RFC 8555 §8.3: base64url, no padding).
 _TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,256}")
 ACME_PREFIX = b"/.well-known/acme-challenge/"
@@ -151,12 +153,22 @@ class RedirectProtocol(Protocol):
         location = self.settings.location(request, host, getattr(local, "port", 0))
         status = self.settings.status
         body = f"Redirecting to {location}\n".encode("ascii")
-        self._write(request, status, [(b"Location", location.encode("ascii")),
-                                      (b"Content-Type", b"text/plain; charset=utf-8")], body, keepAlive)
+        self._write(
+            request,
+            status,
+            [(b"Location", location.encode("ascii")), (b"Content-Type", b"text/plain; charset=utf-8")],
+            body,
+            keepAlive,
+        )
         if self.settings.block.access_log:
-            log.info('{client} "{method} {target}" {status} -> {location}', client=self._client(),
-                     method=request.method.decode("ascii"), target=request.target.decode("ascii"),
-                     status=status, location=location)
+            log.info(
+                '{client} "{method} {target}" {status} -> {location}',
+                client=self._client(),
+                method=request.method.decode("ascii"),
+                target=request.target.decode("ascii"),
+                status=status,
+                location=location,
+            )
         return keepAlive
 
     def _listenerName(self, local: Any) -> str:
@@ -173,7 +185,7 @@ class RedirectProtocol(Protocol):
         """Serve C{/.well-known/acme-challenge/TOKEN} from C{acme_challenge_root}."""
         if request.method not in (b"GET", b"HEAD"):
             raise HTTPError(405, "only GET and HEAD for challenge files")
-        token = request.path[len(ACME_PREFIX):].partition(b"?")[0]
+        token = request.path[len(ACME_PREFIX) :].partition(b"?")[0]
         # The token alphabet has no ".", "/", "%" or "\": no traversal, encoded or not.
         if not _TOKEN.fullmatch(token):
             raise HTTPError(404, "no such challenge")
@@ -192,8 +204,9 @@ class RedirectProtocol(Protocol):
         self._write(request, 200, [(b"Content-Type", b"text/plain")], body, keepAlive)
         log.info("{client} ACME challenge {token} served", client=self._client(), token=token.decode("ascii"))
 
-    def _write(self, request: RequestHead, status: int, headers: list[tuple[bytes, bytes]], body: bytes,
-               keepAlive: bool) -> None:
+    def _write(
+        self, request: RequestHead, status: int, headers: list[tuple[bytes, bytes]], body: bytes, keepAlive: bool
+    ) -> None:
         lines = [b"HTTP/1.1 %d %b" % (status, HTTPStatus(status).phrase.encode("ascii"))]
         lines.extend(b"%b: %b" % pair for pair in headers)
         lines.append(b"Content-Length: %d" % len(body))
@@ -211,8 +224,9 @@ class RedirectProtocol(Protocol):
             extra = ((b"Allow", b"GET, HEAD"), *extra)
         head = request is not None and request.method == b"HEAD"
         self.transport.write(errorResponse(error.status, error.message, extra, head=head))
-        log.info("{client} refused: {status} {message}", client=self._client(), status=error.status,
-                 message=error.message)
+        log.info(
+            "{client} refused: {status} {message}", client=self._client(), status=error.status, message=error.message
+        )
         self._close()
 
     def _client(self) -> str:

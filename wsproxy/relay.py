@@ -52,9 +52,7 @@ log = Logger()
 MAX_RESPONSE_HEAD = 65536
 
 #: Request headers the proxy writes itself.
-_REQUEST_DROP = frozenset(
-    {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
-)
+_REQUEST_DROP = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
 _RESPONSE_DROP = frozenset({b"content-length"})
 _INTERIM_FORWARDED = (100, 102, 103)
 
@@ -162,9 +160,7 @@ class Exchange:
         settings = self.settings
         host = request.host or self._ownName()
         lines = [b"%b %b HTTP/1.1" % (request.method, request.path), b"Host: " + host]
-        lines.extend(
-            b"%b: %b" % pair for pair in endToEnd(request.headers, request.connectionTokens, _REQUEST_DROP)
-        )
+        lines.extend(b"%b: %b" % pair for pair in endToEnd(request.headers, request.connectionTokens, _REQUEST_DROP))
         lines.append(b"X-Forwarded-For: " + self._forwardedFor())
         lines.append(b"X-Forwarded-Proto: " + settings.scheme)
         lines.append(b"X-Forwarded-Host: " + host)
@@ -386,8 +382,12 @@ class Exchange:
     def upstreamLost(self, reason: Failure) -> None:
         if self._done:
             return
-        if self._response is None and self._reused and not self._heard and not self.bodyPending and not (
-            self.request.chunked or self.request.bodyLength
+        if (
+            self._response is None
+            and self._reused
+            and not self._heard
+            and not self.bodyPending
+            and not (self.request.chunked or self.request.bodyLength)
         ):
             self._retryFresh()
             return

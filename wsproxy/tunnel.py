@@ -16,9 +16,9 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .accesslog import logTunnel
-from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
     from .relay import UpstreamProtocol
@@ -125,8 +125,11 @@ class Tunnel:
             self._idleCheck = self.clock.callLater(self.settings.block.websocket_idle_timeout, self._checkIdle)
             return
         self._idleCheck = None
-        log.info("{client} tunnel idle for {seconds}s; closing", seconds=self.settings.block.websocket_idle_timeout,
-                 **self.logFields)
+        log.info(
+            "{client} tunnel idle for {seconds}s; closing",
+            seconds=self.settings.block.websocket_idle_timeout,
+            **self.logFields,
+        )
         self.close()
 
     def close(self) -> None:

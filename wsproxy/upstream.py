@@ -175,7 +175,9 @@ class UpstreamPool:
             while server.idle:
                 server.idle.pop().close()
 
-    async def _connect(self, order: list[UpstreamServer], protocolFactory: Callable[[], IProtocol], timeout: float) -> tuple:
+    async def _connect(
+        self, order: list[UpstreamServer], protocolFactory: Callable[[], IProtocol], timeout: float
+    ) -> tuple:
         upstream = self.upstream
         failures = []
         for server in order:

@@ -122,8 +122,7 @@ class WorkerPool(Service):
             return
         if self._stopping or not self.running:
             return
-        log.warn("worker {index} ended ({why}); starting it again", index=worker.index,
-                 why=reason.getErrorMessage())
+        log.warn("worker {index} ended ({why}); starting it again", index=worker.index, why=reason.getErrorMessage())
         self.reactor.callLater(RESTART_DELAY, self._respawn, worker.index)
 
     def _respawn(self, index: int) -> None:
