@@ -19,58 +19,34 @@ __all__ = ["logRequest", "logTunnel"]
 log = Logger(namespace="wsproxy.access")
 
 
+_REQUEST = (
+    '%(client)s "%(method)s %(target)s" %(status)d upstream=%(upstream)s '
+    "in=%(bytesIn)d out=%(bytesOut)d %(duration).3fs"
+)
+_TUNNEL = _REQUEST + " closed by %(closedBy)s"
+
+
 def logRequest(
     client: str, method: str, target: str, status: int, upstream: str, bytesIn: int, bytesOut: int, duration: float
 ) -> None:
     """Log one request: C{127.0.0.1 "GET /" 200 upstream=... in=0 out=20 0.001s}."""
-    line = '%s "%s %s" %d upstream=%s in=%d out=%d %.3fs' % (
-        client,
-        method,
-        target,
-        status,
-        upstream,
-        bytesIn,
-        bytesOut,
-        duration,
-    )
-    log.info(
-        "{line}",
-        line=line,
-        client=client,
-        method=method,
-        target=target,
-        status=status,
-        upstream=upstream,
-        bytesIn=bytesIn,
-        bytesOut=bytesOut,
-        duration=duration,
-    )
+    fields = locals()
+    log.info("{line}", line=_REQUEST % fields, **fields)
 
 
 def logTunnel(
     client: str, method: str, target: str, upstream: str, bytesIn: int, bytesOut: int, duration: float, side: str
 ) -> None:
-    """Log a finished tunnel, with who closed it."""
-    line = '%s "%s %s" 101 tunnel upstream=%s in=%d out=%d %.3fs closed by %s' % (
-        client,
-        method,
-        target,
-        upstream,
-        bytesIn,
-        bytesOut,
-        duration,
-        side,
-    )
-    log.info(
-        "{line}",
-        line=line,
-        client=client,
-        method=method,
-        target=target,
-        status=101,
-        upstream=upstream,
-        bytesIn=bytesIn,
-        bytesOut=bytesOut,
-        duration=duration,
-        closedBy=side,
-    )
+    """Log a finished tunnel, with who closed it: C{... 101 upstream=... closed by client}."""
+    fields = {
+        "client": client,
+        "method": method,
+        "target": target,
+        "status": 101,
+        "upstream": upstream,
+        "bytesIn": bytesIn,
+        "bytesOut": bytesOut,
+        "duration": duration,
+        "closedBy": side,
+    }
+    log.info("{line}", line=_TUNNEL % fields, **fields)
