@@ -162,3 +162,65 @@ async def test_upgrades_other_than_websocket_are_not_forwarded(cleanup):
     sent = factory.requests[0].lower()
     assert b"upgrade" not in sent and b"http2-settings" not in sent
     assert response.startswith(b"HTTP/1.1 200 ")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_that_stalls_mid_body_is_cut_after_proxy_read_timeout(cleanup):
+    upstream, _ = listenScripted(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npart", closeAfter=False)
+    cleanup.port(upstream)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, proxy_read_timeout=0.3)
+    client = await connectRaw(proxy.ports[0])
+    client.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    received = await client.waitClosed(timeout=3)
+    assert received is not None, "the client must not wait forever"
+    assert received.startswith(b"HTTP/1.1 200 OK\r\n") and received.endswith(b"part")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_body_that_stops_arriving_is_408_after_client_body_timeout(cleanup):
+    upstream, factory = listenScripted(ok())
+    cleanup.port(upstream)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, client_body_timeout=0.3)
+    client = await connectRaw(proxy.ports[0])
+    client.transport.write(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    received = await client.waitClosed(timeout=3)
+    assert received is not None and received.startswith(b"HTTP/1.1 408 ")
+    assert factory.requests == [], "the upstream never saw a complete request"
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_but_steady_transfers_outlast_the_timeouts(cleanup):
+    from twisted.internet import reactor
+
+    def answer(request, connection):
+        connection.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+        for i, piece in enumerate((b"ab", b"cd", b"ef")):
+            reactor.callLater(0.15 * (i + 1), connection.transport.write, piece)
+
+    upstream, factory = listenScripted(answer, closeAfter=False)
+    cleanup.port(upstream)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, proxy_read_timeout=0.25, client_body_timeout=0.25)
+    client = await connectRaw(proxy.ports[0])
+    client.transport.write(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+    for piece in (b"w", b"x", b"y", b"z"):
+        await sleep(0.15)
+        client.transport.write(piece)
+    received = await client.waitClosed(timeout=3)
+    assert received is not None and received.endswith(b"\r\n\r\nabcdef")
+    assert factory.requests[0].endswith(b"\r\n\r\nwxyz")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_reads_slowly_is_not_taken_for_a_stalled_upstream(cleanup):
+    body = bytes(range(256)) * (16 * 1024 * 1024 // 256)
+    upstream, _ = listenScripted(ok(body), closeAfter=False)
+    cleanup.port(upstream)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, proxy_read_timeout=0.3)
+    client = await connectRaw(proxy.ports[0])
+    client.transport.pauseProducing()
+    client.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    await sleep(1.0)
+    client.transport.resumeProducing()
+    received = await client.waitClosed(timeout=20)
+    assert received is not None and received.endswith(body[-1000:])
+    assert len(received.split(b"\r\n\r\n", 1)[1]) == len(body)

@@ -96,6 +96,7 @@ class ServerBlock:
     proxy_connect_timeout: float = 5.0
     proxy_read_timeout: float = 60.0
     client_header_timeout: float = 60.0
+    client_body_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     websocket_idle_timeout: float = 0.0
     max_request_line: int = 8192
@@ -349,6 +350,7 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
         ("proxy_connect_timeout", 5.0),
         ("proxy_read_timeout", 60.0),
         ("client_header_timeout", 60.0),
+        ("client_body_timeout", 60.0),
         ("keepalive_timeout", 75.0),
         ("websocket_idle_timeout", 0.0),
         ("ssl_session_timeout", 600.0),

@@ -114,6 +114,7 @@ class Exchange:
         self._reused = False
         self._reusable = False
         self._heard = False
+        self._moved = False
         self._output: list[bytes] = []
         self._toClient = client.writeNow
         self._toUpstream: Any = None
@@ -141,7 +142,10 @@ class Exchange:
         client.transport.registerProducer(upstream.gate, True)
         self._toUpstream = upstream.writeNow
         self._toUpstream(self._requestHead())
-        self._timer = self.clock.callLater(self.settings.block.proxy_read_timeout, self._timedOut)
+        if self.bodyPending:
+            self._awaitRequestBody()
+        else:
+            self._awaitResponseHead()
         client.upstreamReady()
 
     def _connectFailed(self, failure: Failure) -> None:
@@ -205,6 +209,7 @@ class Exchange:
 
     def sendBody(self, payload: bytes) -> None:
         """Forward a piece of the request body, re-framed."""
+        self._moved = True
         self.bytesIn += len(payload)
         limit = self.settings.block.client_max_body_size
         if limit and self.bytesIn > limit:
@@ -217,13 +222,15 @@ class Exchange:
         self.bodyPending = False
         if self.request.chunked and self.upstream is not None:
             self._toUpstream(LAST_CHUNK)
+        if self.connected and self._response is None and not self._done:
+            self._awaitResponseHead()
 
     # The response
 
     def upstreamData(self, data: bytes) -> None:
         if self._done:
             return
-        self._heard = True
+        self._heard = self._moved = True
         try:
             if self._response is None:
                 data = self._readHead(data)
@@ -275,7 +282,7 @@ class Exchange:
         return buffer
 
     def _startResponse(self, head: ResponseHead) -> None:
-        self._cancelTimer()
+        self._awaitResponseBody()
         self._response = head
         self.status = head.status
         request = self.request
@@ -432,9 +439,44 @@ class Exchange:
         self._end(abort=True)
         self.status = self.status or 499
 
-    def _timedOut(self) -> None:
+    # Waiting: one timer, for whatever the exchange waits on now.  Like
+    # nginx's timeouts, each measures the time between two reads, and a
+    # side that is paused by flow control (the other side reads slowly) is
+    # not stalled.
+
+    def _awaitRequestBody(self) -> None:
+        self._await(self.settings.block.client_body_timeout, self._requestBodyStalled, self.client.gate)
+
+    def _awaitResponseHead(self) -> None:
+        self._await(self.settings.block.proxy_read_timeout, self._responseHeadLate, None)
+
+    def _awaitResponseBody(self) -> None:
+        self._await(self.settings.block.proxy_read_timeout, self._responseBodyStalled, self.upstream.gate)
+
+    def _await(self, seconds: float, onStall: Any, excusedBy: ReadGate | None) -> None:
+        self._cancelTimer()
+        self._moved = False
+        if seconds:
+            self._timer = self.clock.callLater(seconds, self._checkProgress, seconds, onStall, excusedBy)
+
+    def _checkProgress(self, seconds: float, onStall: Any, excusedBy: ReadGate | None) -> None:
         self._timer = None
+        if self._done:
+            return
+        if self._moved or (excusedBy is not None and excusedBy.held):
+            self._await(seconds, onStall, excusedBy)
+            return
+        onStall()
+
+    def _requestBodyStalled(self) -> None:
+        self.fail(408, "the request body stopped arriving")
+
+    def _responseHeadLate(self) -> None:
         self.fail(504, "the upstream did not respond in time")
+
+    def _responseBodyStalled(self) -> None:
+        log.warn("{client} {method} {target}: upstream {upstream} stopped sending the body", **self._logFields())
+        self.fail(504, "the upstream stopped sending")
 
     def _badUpstream(self, message: str) -> None:
         log.warn("{client} {method} {target}: upstream {upstream}: {message}", message=message, **self._logFields())
