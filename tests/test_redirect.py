@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from support import connectRaw, exchange, startProxy
+from support import connectRaw, exchange, sleep, startProxy
 from twisted.logger import formatEvent, globalLogPublisher
 
 from wsproxy import parseConfig
@@ -358,3 +358,24 @@ def test_redirect_configuration_errors_name_the_key(block, problem):
 def test_no_file_under_the_webroot_is_reachable_except_challenges(webroot):
     """The fixture's secret really is there, so the traversal tests above prove something."""
     assert (webroot / "secret").is_file() and os.path.islink(webroot / ".well-known" / "acme-challenge" / "linked")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_does_not_read_its_answers_is_paused(cleanup):
+    port = await redirector(cleanup)
+    client = await connectRaw(port)
+    client.transport.pauseProducing()
+    client.transport.write(b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n" * 60000)
+    await sleep(1.0)
+    (connection,) = [
+        protocol
+        for service in cleanup.services
+        for listener in service.listeners
+        for protocol in listener.proxyFactory.connections
+    ]
+    transport = connection.transport
+    assert len(transport.dataBuffer) + transport._tempDataLen < 2 * 1024 * 1024
+    client.transport.resumeProducing()
+    received = await client.waitFor(lambda r: r.count(b"HTTP/1.1 308 ") == 60000, timeout=30)
+    assert received.count(b"HTTP/1.1 308 ") == 60000
+    client.transport.loseConnection()

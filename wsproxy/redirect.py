@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from .config import ServerBlock
+from .flow import ReadGate
 from .http import CRLF, HEAD_END, HTTPError, RequestHead, errorResponse, findHeadEnd, parseRequestHead
 
 __all__ = ["ACME_PREFIX", "RedirectFactory", "RedirectProtocol", "RedirectSettings"]
@@ -106,6 +107,9 @@ class RedirectProtocol(Protocol):
         self._buffer = b""
         self._closing = False
         self.factory.connections.add(self)
+        # A client that pipelines requests without reading the answers is
+        # paused once the answers fill the write buffer.
+        self.transport.registerProducer(ReadGate(self.transport), True)
         self._startTimer(self.settings.block.client_header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
