@@ -11,6 +11,7 @@ import base64
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,21 @@ def freePort() -> int:
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def connectWhenListening(port: int, process: Any, timeout: float = 15.0) -> socket.socket:
+    """
+    A blocking connection to C{port} once the C{twistd} C{process} listens
+    there; fails if the process exits or C{timeout} passes first.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection((LOOPBACK, port), timeout=5)
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise
+            time.sleep(0.1)
 
 
 def upgradeRequest(path: bytes = b"/ws", extra: bytes = b"") -> bytes:
@@ -265,6 +281,7 @@ __all__ = [
     "KEY",
     "LOOPBACK",
     "TWISTD",
+    "connectWhenListening",
     "freePort",
     "startProxyFor",
     "switching",

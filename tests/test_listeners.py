@@ -17,6 +17,7 @@ from support import (
     ENVIRONMENT,
     TWISTD,
     connectRaw,
+    connectWhenListening,
     exchange,
     freePort,
     listenScripted,
@@ -151,15 +152,7 @@ def test_sighup_reloads_a_running_twistd(tmp_path):
     try:
 
         def ask() -> int:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    client = socket.create_connection(("127.0.0.1", listenPort), timeout=5)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and process.poll() is None
-                    time.sleep(0.1)
-            with client:
+            with connectWhenListening(listenPort, process) as client:
                 client.sendall(GET_CLOSE)
                 for server in servers:
                     server.settimeout(0.2)

@@ -7,10 +7,9 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
-from support import ENVIRONMENT, TWISTD, freePort
+from support import ENVIRONMENT, TWISTD, connectWhenListening, freePort
 
 
 def twistd(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -51,16 +50,7 @@ def test_the_demo_serves_its_page_and_websocket_through_the_proxy(tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                connection = socket.create_connection(("127.0.0.1", port), timeout=5)
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise
-                time.sleep(0.1)
-        with connection:
+        with connectWhenListening(port, process) as connection:
             connection.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             response = b""
             while chunk := connection.recv(65536):
