@@ -97,6 +97,7 @@ def test_workers_share_the_listener_restart_and_follow_signals(tmp_path):
 
         workers = waitUntil(workerPids)
         waitUntil(lambda: log.read_text().count(" ready") == 2)
+
         def served() -> set[str]:
             lines = log.read_text().splitlines()
             return {line.split("worker ")[1][0] for line in lines if '"GET /" 200' in line}
