@@ -39,15 +39,18 @@ from zope.interface import implementer
 from wsproxy.conformance import (
     Ports,
     Selection,
+    Targets,
     Verdict,
     baselineProblems,
     compare,
     describeBaseline,
     echoThroughProxy,
+    fuzz,
     fuzzAll,
     judge,
     listenTLSForwarder,
     parseArguments,
+    recheck,
     runProcess,
 )
 
@@ -75,7 +78,9 @@ async def verdicts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
     """The CI selection run directly, through the plain and through the TLS listener."""
     reportDir = tmp_path_factory.mktemp("conformance")
     async with echoThroughProxy(reactor) as targets:
-        return await fuzzAll(reactor, targets, CI_SELECTION, reportDir, RUN_TIMEOUT)
+        verdicts = await fuzzAll(reactor, targets, CI_SELECTION, reportDir, RUN_TIMEOUT)
+        await recheck(reactor, targets, verdicts, reportDir, RUN_TIMEOUT)
+        return verdicts
 
 
 # The suite.
@@ -342,3 +347,40 @@ def test_shippedWstestSpecPointsAtTheServedPorts() -> None:
     ports = [str(url.port) for url in urls]
     assert parseArguments(["--serve", *ports]).serve == Ports(*map(int, ports))
     assert spec["cases"] == ["*"]
+
+
+# Rechecking differences.
+
+
+@pytest_twisted.ensureDeferred
+async def test_recheckKeepsADifferenceThatRepeatsAndDropsOneThatDoesNot(tmp_path: Path) -> None:
+    """
+    A difference that a second run does not repeat was a race, not the
+    proxy: it is replaced by agreeing verdicts.  One that every recheck
+    repeats (here the "proxied" echo refuses permessage-deflate) stays.
+    """
+    from autobahn.twisted.websocket import WebSocketServerFactory
+    from support import listenEcho
+
+    from wsproxy.demo import EchoProtocol
+
+    echo = listenEcho()
+    plainEcho = WebSocketServerFactory(f"ws://{LOOPBACK}/ws")
+    plainEcho.protocol = EchoProtocol
+    noDeflate = reactor.listenTCP(0, plainEcho, interface=LOOPBACK)
+    try:
+        url = f"ws://{LOOPBACK}:{echo.getHost().port}/ws"
+        other = f"ws://{LOOPBACK}:{noDeflate.getHost().port}/"
+        targets = Targets(direct=url, plain=url, tls=other, secure="")
+        selection = Selection(cases=("1.1.1", "12.1.1"), parallelism=2)
+        direct = await fuzz(reactor, url, selection, tmp_path / "direct", RUN_TIMEOUT)
+        tls = await fuzz(reactor, other, selection, tmp_path / "tls", RUN_TIMEOUT)
+        raced = dict(direct, **{"1.1.1": Verdict("NON-STRICT", "OK")})
+        verdicts = {"direct": dict(direct), "plain": raced, "tls": tls}
+        await recheck(reactor, targets, verdicts, tmp_path, RUN_TIMEOUT)
+    finally:
+        await echo.stopListening()
+        await noDeflate.stopListening()
+    assert compare("plain", verdicts["direct"], verdicts["plain"]).identical
+    remaining = compare("tls", verdicts["direct"], verdicts["tls"]).differences
+    assert [d.caseId for d in remaining] == ["12.1.1"]
