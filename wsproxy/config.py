@@ -15,7 +15,7 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,8 @@ class ServerBlock:
     proxy_read_timeout: float = 60.0
     client_header_timeout: float = 60.0
     client_body_timeout: float = 60.0
+    send_timeout: float = 60.0
+    proxy_send_timeout: float = 60.0
     keepalive_timeout: float = 75.0
     websocket_idle_timeout: float = 0.0
     max_request_line: int = 8192
@@ -109,6 +111,8 @@ class ServerBlock:
     add_header: tuple[tuple[str, str], ...] = ()
     access_log: bool = True
     server_name: str = ""
+    proxy_next_upstream_non_idempotent: bool = False
+    underscores_in_headers: bool = False
     # The plain-HTTP redirect listener (nginx: return 308 https://...).
     return_: str | None = None
     acme_challenge_root: str | None = None
@@ -145,7 +149,6 @@ class Config:
     servers: tuple[ServerBlock, ...]
     shutdown_timeout: float = 30.0
     workers: int = 1
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 _SIZE = re.compile(r"^(\d+)([kKmMgG]?)$")
@@ -351,6 +354,8 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
         ("proxy_read_timeout", 60.0),
         ("client_header_timeout", 60.0),
         ("client_body_timeout", 60.0),
+        ("send_timeout", 60.0),
+        ("proxy_send_timeout", 60.0),
         ("keepalive_timeout", 75.0),
         ("websocket_idle_timeout", 0.0),
         ("ssl_session_timeout", 600.0),
@@ -367,7 +372,12 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
     values["max_connections"] = reader.count("max_connections", 0)
     values["max_connections_per_ip"] = reader.count("max_connections_per_ip", 0)
     values["access_log"] = reader.get("access_log", bool, True)
-    values["server_name"] = reader.get("server_name", str, "")
+    serverName = reader.get("server_name", str, "")
+    if not serverName.isascii():
+        raise reader.fail("server_name", f"must be ASCII (write an internationalised name in punycode): {serverName!r}")
+    values["server_name"] = serverName
+    values["proxy_next_upstream_non_idempotent"] = reader.get("proxy_next_upstream_non_idempotent", bool, False)
+    values["underscores_in_headers"] = reader.get("underscores_in_headers", bool, False)
     values["upgrade_protocols"] = tuple(p.lower() for p in reader.strings("upgrade_protocols", ("websocket",)))
     values["allowed_origins"] = reader.strings("allowed_origins")
     trusted = reader.strings("set_real_ip_from")
@@ -497,7 +507,6 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
         servers=servers,
         shutdown_timeout=reader.seconds("shutdown_timeout", 30.0),
         workers=reader.count("workers", 1, minimum=1),
-        raw=document,
     )
     reader.finish()
     return config

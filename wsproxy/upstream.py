@@ -100,6 +100,7 @@ class UpstreamPool:
         self._tlsOptionsFor = tlsOptionsFor
         self.servers = [UpstreamServer(a, self._endpointFactory(a)) for a in upstream.servers]
         self._next = 0
+        self.retired = False
 
     def _endpointFactory(self, address: UpstreamAddress) -> Callable[[float], Any]:
         reactor = self._reactor
@@ -164,10 +165,18 @@ class UpstreamPool:
 
         @return: whether it was kept; if not, the caller closes it.
         """
-        if len(server.idle) >= self.upstream.keepalive:
+        if self.retired or len(server.idle) >= self.upstream.keepalive:
             return False
         server.idle.append(_IdleConnection(self, server, protocol))
         return True
+
+    def retire(self) -> None:
+        """
+        A reload replaced this pool: close its idle connections, and keep
+        none that exchanges still under way release later.
+        """
+        self.retired = True
+        self.closeIdle()
 
     def closeIdle(self) -> None:
         """Close every idle keep-alive connection."""
