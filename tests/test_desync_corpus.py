@@ -69,6 +69,7 @@ PROXY_WRITTEN = frozenset(
     {
         b"host",
         b"content-length",
+        b"x-real-ip",
         b"transfer-encoding",
         b"connection",
         b"x-forwarded-for",

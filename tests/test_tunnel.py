@@ -338,6 +338,5 @@ async def test_no_file_descriptors_left_after_1000_connections(cleanup):
             break
         await sleep(0.05)
     assert not proxy.listeners[0].proxyFactory.connections
-    assert not proxy.listeners[0].proxyFactory.tunnels
     assert sum(len(server.idle) for server in pool.servers) <= pool.upstream.keepalive
     assert openFileDescriptors() <= allowed()

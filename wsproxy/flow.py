@@ -20,7 +20,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["ReadGate", "writerFor"]
+__all__ = ["ReadGate", "pendingBytes", "writerFor"]
 
 
 @implementer(IPushProducer)
@@ -68,6 +68,20 @@ class ReadGate:
         The consumer went away; each side closes the other itself, so there
         is nothing to do here.
         """
+
+
+def pendingBytes(transport: Any) -> int:
+    """
+    How many bytes C{transport} holds that the kernel has not taken yet,
+    looking through TLS wrappers to the TCP transport underneath (a TLS
+    transport hands its ciphertext straight down).  A send timeout measures
+    progress by this number shrinking.
+    """
+    while transport is not None:
+        if hasattr(transport, "_tempDataLen"):
+            return transport._tempDataLen + len(transport.dataBuffer) - transport.offset
+        transport = getattr(transport, "transport", None)
+    return 0
 
 
 def writerFor(transport: Any) -> Callable[[bytes], None]:

@@ -19,15 +19,15 @@ import stat
 from http import HTTPStatus
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .config import ServerBlock
-from .flow import ReadGate
-from .http import CRLF, HEAD_END, HTTPError, RequestHead, errorResponse, findHeadEnd, parseRequestHead
+from .http import CRLF, HEAD_END, HTTPError, RequestHead, errorResponse
+from .interfaces import IExchange, IRequestLoop
+from .server import ConnectionSettings, ListenerFactory
 
-__all__ = ["ACME_PREFIX", "RedirectFactory", "RedirectProtocol", "RedirectSettings"]
+__all__ = ["ACME_PREFIX", "RedirectAnswer", "RedirectFactory", "RedirectSettings"]
 
 log = Logger()
 
@@ -52,11 +52,11 @@ ACME_PREFIX = b"/.well-known/acme-challenge/"
 _HSTS = b"strict-transport-security"
 
 
-class RedirectSettings:
+class RedirectSettings(ConnectionSettings):
     """A redirect listener's C{return} and C{acme_challenge_root}, prepared once."""
 
     def __init__(self, block: ServerBlock) -> None:
-        self.block = block
+        super().__init__(block)
         code, _, self.template = block.return_.partition(" ") if block.return_ else ("308", "", "")
         self.status = int(code)
         self.acmeRoot = block.acme_challenge_root
@@ -72,6 +72,7 @@ class RedirectSettings:
                 )
             headers = tuple((name, value) for name, value in headers if name.lower() != _HSTS)
         self.extraHeaders = headers
+        self.extraHeaderLines = tuple(b"%b: %b" % pair for pair in headers)
 
     def location(self, request: RequestHead, host: str, localPort: int) -> str:
         """
@@ -90,90 +91,54 @@ class RedirectSettings:
         return _VARIABLE.sub(lambda m: values[m.group(1) or m.group(2)], self.template)
 
 
-class RedirectProtocol(Protocol):
+@implementer(IExchange)
+class RedirectAnswer:
     """
-    Answers every request with the configured redirect (or a challenge
-    file), keeping the connection open between requests as HTTP/1.1 says,
-    for at most C{keepalive_timeout} seconds of idleness.
+    The answer to one request on a redirect listener: the configured
+    redirect, or a challenge file.  A request with a body is answered and
+    the connection closed: there is nothing to do with the body, and
+    reading it only to throw it away would let a client keep the
+    connection busy.
     """
 
-    factory: RedirectFactory
-    _timer: IDelayedCall | None = None
-    #: Whether the running timer is the keep-alive one (no request begun).
-    _idle = False
+    readyForBody = False
 
-    def connectionMade(self) -> None:
-        self.settings = self.factory.settings
-        self._buffer = b""
-        self._closing = False
-        self.factory.connections.add(self)
-        # A client that pipelines requests without reading the answers is
-        # paused once the answers fill the write buffer.
-        self.transport.registerProducer(ReadGate(self.transport), True)
-        self._startTimer(self.settings.block.client_header_timeout)
+    def __init__(self, loop: IRequestLoop, request: RequestHead, settings: RedirectSettings) -> None:
+        self.loop = loop
+        self.request = request
+        self.settings = settings
 
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        block = self.settings.block
-        headLimit = block.max_request_line + block.max_header_size
-        while not self._closing:
-            while self._buffer[:2] == CRLF:
-                self._buffer = self._buffer[2:]
-            if not self._buffer:
-                return
-            request = None
-            try:
-                end = findHeadEnd(self._buffer, headLimit)
-                if end < 0:
-                    if len(self._buffer) > headLimit:
-                        raise HTTPError(431, "request header section too large")
-                    if self._idle:
-                        self._startTimer(block.client_header_timeout)
-                    return
-                request = parseRequestHead(self._buffer[:end], upgradeProtocols=())
-                self._buffer = self._buffer[end:]
-                keepAlive = self._answer(request)
-            except HTTPError as e:
-                self._refuse(e, request)
-                return
-            if not keepAlive:
-                self._close()
-                return
-            self._startTimer(block.keepalive_timeout, idle=True)
-
-    def _answer(self, request: RequestHead) -> bool:
-        """
-        Write the response to C{request}; return whether to keep the
-        connection.  A request with a body is answered and the connection
-        closed: there is nothing to do with the body, and reading it only to
-        throw it away would let a client keep the connection busy.
-        """
+    def start(self) -> None:
+        request = self.request
         keepAlive = request.keepAlive and not (request.chunked or request.bodyLength)
-        if self.settings.acmeRoot is not None and request.path.startswith(ACME_PREFIX):
-            self._challenge(request, keepAlive)
-            return keepAlive
-        local = self.transport.getHost()
+        try:
+            if self.settings.acmeRoot is not None and request.path.startswith(ACME_PREFIX):
+                self._challenge(keepAlive)
+            else:
+                self._redirect(keepAlive)
+        except HTTPError as e:
+            self.fail(e.status, e.message)
+            return
+        self.loop.exchangeFinished(keepAlive)
+
+    def _redirect(self, keepAlive: bool) -> None:
+        request = self.request
+        local = self.loop.leg.transport.getHost()
         host = _redirectHost(request.host) if request.host else self._listenerName(local)
         location = self.settings.location(request, host, getattr(local, "port", 0))
         status = self.settings.status
         body = f"Redirecting to {location}\n".encode("ascii")
-        self._write(
-            request,
-            status,
-            [(b"Location", location.encode("ascii")), (b"Content-Type", b"text/plain; charset=utf-8")],
-            body,
-            keepAlive,
-        )
+        headers = [(b"Location", location.encode("ascii")), (b"Content-Type", b"text/plain; charset=utf-8")]
+        self._write(status, headers, body, keepAlive)
         if self.settings.block.access_log:
             log.info(
                 '{client} "{method} {target}" {status} -> {location}',
-                client=self._client(),
+                client=self.loop.leg.clientAddress,
                 method=request.method.decode("ascii"),
-                target=request.target.decode("ascii"),
+                target=request.target.decode("ascii", "backslashreplace"),
                 status=status,
                 location=location,
             )
-        return keepAlive
 
     def _listenerName(self, local: Any) -> str:
         """
@@ -185,32 +150,20 @@ class RedirectProtocol(Protocol):
         address = getattr(local, "host", "localhost")
         return f"[{address}]" if ":" in address else address
 
-    def _challenge(self, request: RequestHead, keepAlive: bool) -> None:
+    def _challenge(self, keepAlive: bool) -> None:
         """Serve C{/.well-known/acme-challenge/TOKEN} from C{acme_challenge_root}."""
+        request = self.request
         if request.method not in (b"GET", b"HEAD"):
             raise HTTPError(405, "only GET and HEAD for challenge files")
         token = request.path[len(ACME_PREFIX) :].partition(b"?")[0]
-        # The token alphabet has no ".", "/", "%" or "\": no traversal, encoded or not.
-        if not _TOKEN.fullmatch(token):
-            raise HTTPError(404, "no such challenge")
-        path = os.path.join(self.settings.acmeRoot, ".well-known", "acme-challenge", token.decode("ascii"))
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-        except OSError as e:
-            if e.errno not in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.EACCES, errno.ENOTDIR):
-                log.error("cannot read challenge file {path}: {why}", path=path, why=e.strerror)
-            raise HTTPError(404, "no such challenge") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise HTTPError(404, "no such challenge")
-        with os.fdopen(fd, "rb") as f:
-            body = f.read(65536)
-        self._write(request, 200, [(b"Content-Type", b"text/plain")], body, keepAlive)
-        log.info("{client} ACME challenge {token} served", client=self._client(), token=token.decode("ascii"))
+        body = readChallenge(self.settings.acmeRoot, token)
+        self._write(200, [(b"Content-Type", b"text/plain")], body, keepAlive)
+        log.info(
+            "{client} ACME challenge {token} served", client=self.loop.leg.clientAddress, token=token.decode("ascii")
+        )
 
-    def _write(
-        self, request: RequestHead, status: int, headers: list[tuple[bytes, bytes]], body: bytes, keepAlive: bool
-    ) -> None:
+    def _write(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, keepAlive: bool) -> None:
+        request = self.request
         lines = [b"HTTP/1.1 %d %b" % (status, HTTPStatus(status).phrase.encode("ascii"))]
         lines.extend(b"%b: %b" % pair for pair in headers)
         lines.append(b"Content-Length: %d" % len(body))
@@ -218,57 +171,43 @@ class RedirectProtocol(Protocol):
             lines.append(b"Connection: close")
         elif request.version == b"HTTP/1.0":
             lines.append(b"Connection: keep-alive")
-        lines.extend(b"%b: %b" % pair for pair in self.settings.extraHeaders)
-        self.transport.write(CRLF.join(lines) + HEAD_END + (b"" if request.method == b"HEAD" else body))
+        lines.extend(self.settings.extraHeaderLines)
+        self.loop.leg.write(CRLF.join(lines) + HEAD_END + (b"" if request.method == b"HEAD" else body))
 
-    def _refuse(self, error: HTTPError, request: RequestHead | None) -> None:
+    def bodyReceived(self, data: bytes) -> None:
+        raise RuntimeError("a redirect reads no request body")
+
+    bodyComplete = bodyReceived  # type: ignore[assignment]
+
+    def fail(self, status: int, message: str) -> None:
         """Answer what cannot be redirected with a plain-text error, and close."""
         extra = self.settings.extraHeaders
-        if error.status == 405:
+        if status == 405:
             extra = ((b"Allow", b"GET, HEAD"), *extra)
-        head = request is not None and request.method == b"HEAD"
-        self.transport.write(errorResponse(error.status, error.message, extra, head=head))
-        log.info(
-            "{client} refused: {status} {message}", client=self._client(), status=error.status, message=error.message
-        )
-        self._close()
+        leg = self.loop.leg
+        leg.write(errorResponse(status, message, extra, head=self.request.method == b"HEAD"))
+        log.info("{client} refused: {status} {message}", client=leg.clientAddress, status=status, message=message)
+        self.loop.exchangeFinished(False)
 
-    def _client(self) -> str:
-        return getattr(self.transport.getPeer(), "host", "-")
+    def clientLost(self) -> None:
+        pass
 
-    # Timers: the head must arrive within client_header_timeout; between
-    # requests the connection may idle for keepalive_timeout.
 
-    def _startTimer(self, seconds: float, idle: bool = False) -> None:
-        self._cancelTimer()
-        self._idle = idle
-        if seconds:
-            self._timer = self.factory.reactor.callLater(seconds, self._timedOut)
-
-    def _cancelTimer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _timedOut(self) -> None:
-        self._timer = None
-        self._close()
-
-    def _close(self) -> None:
-        self._closing = True
-        self._cancelTimer()
-        self.transport.loseConnection()
-
-    def closeIfIdle(self) -> None:
-        """Shutting down: close now unless a request is half received."""
-        if not self._buffer:
-            self._close()
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self._closing = True
-        self._cancelTimer()
-        self.factory.connections.discard(self)
+def readChallenge(root: str, token: bytes) -> bytes:  # TEMPORARY until wsproxy.acme lands
+    if not _TOKEN.fullmatch(token):
+        raise HTTPError(404, "no such challenge")
+    path = os.path.join(root, ".well-known", "acme-challenge", token.decode("ascii"))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.EACCES, errno.ENOTDIR):
+            log.error("cannot read challenge file {path}: {why}", path=path, why=e.strerror)
+        raise HTTPError(404, "no such challenge") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise HTTPError(404, "no such challenge")
+    with os.fdopen(fd, "rb") as f:
+        return f.read(65536)
 
 
 def _redirectHost(header: bytes) -> str:
@@ -285,21 +224,15 @@ def _redirectHost(header: bytes) -> str:
     return match.group("name").decode("ascii")
 
 
-class RedirectFactory(Factory):
-    """Builds a L{RedirectProtocol} per connection."""
-
-    protocol = RedirectProtocol
-    noisy = False
+class RedirectFactory(ListenerFactory):
+    """A redirect listener: each request is answered by a L{RedirectAnswer}."""
 
     def __init__(self, settings: RedirectSettings, reactor: Any = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as globalReactor
 
             reactor = globalReactor
-        self.settings = settings
-        self.reactor = reactor
-        self.connections: set[RedirectProtocol] = set()
+        super().__init__(settings, reactor)
 
-    def drain(self) -> None:
-        for protocol in list(self.connections):
-            protocol.closeIfIdle()
+    def startExchange(self, loop: IRequestLoop, request: RequestHead) -> RedirectAnswer:
+        return RedirectAnswer(loop, request, self.settings)

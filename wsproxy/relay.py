@@ -11,17 +11,18 @@ both directions under flow control and are re-framed, never held whole.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .accesslog import logRequest
-from .flow import ReadGate, writerFor
+from .connection import ReceiveBuffer
 from .http import (
     CRLF,
     HEAD_END,
@@ -34,138 +35,178 @@ from .http import (
     chunk,
     endToEnd,
     errorResponse,
-    findHeadEnd,
     parseResponseHead,
     websocketAccept,
 )
+from .interfaces import IExchange, ILegOwner, IRequestLoop
+from .leg import Leg, Unowned
 from .tls import describeTLSFailure
-from .tunnel import Tunnel, setNoDelay
 from .upstream import NoUpstreamAvailable
 
 if TYPE_CHECKING:
-    from .server import ListenerSettings, ProxyProtocol
+    from .server import ListenerSettings
 
-__all__ = ["Exchange", "UpstreamProtocol"]
+__all__ = ["Exchange", "ExchangeState", "UpstreamLeg"]
 
 log = Logger()
 
 MAX_RESPONSE_HEAD = 65536
 
 #: Request headers the proxy writes itself.
-_REQUEST_DROP = frozenset({b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"})
+_REQUEST_DROP = frozenset(
+    {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
+)
+#: Methods a request may be sent again for (RFC 9110 §9.2.2).
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _RESPONSE_DROP = frozenset({b"content-length"})
 _INTERIM_FORWARDED = (100, 102, 103)
 
 
-class UpstreamProtocol(Protocol):
+class UpstreamLeg(Leg):
     """
-    The proxy's connection to an upstream server.  It holds no state of its
-    own: whatever owns it (an L{Exchange}, later a L{Tunnel}) gets the bytes.
+    The proxy's connection to an upstream server.  Its owner is the
+    L{Exchange} it serves, then a tunnel end, or the pool while it waits
+    for the next request.
     """
 
-    def __init__(self, owner: Any) -> None:
-        self.owner = owner
-        self.gate: ReadGate | None = None
 
-    def connectionMade(self) -> None:
-        self.gate = ReadGate(self.transport)
-        self.writeNow = writerFor(self.transport)
-        setNoDelay(self.transport)
+class ExchangeState(enum.Enum):
+    """
+    Where an L{Exchange} is.
 
-    def dataReceived(self, data: bytes) -> None:
-        self.owner.upstreamData(data)
+      - C{CONNECTING}: waiting for a connection to an upstream server (a
+        new one, or one from the pool).
+      - C{SENDING}: the request head has been sent; its body streams.
+      - C{WAITING}: the request has been sent whole; the response head is
+        awaited (C{proxy_read_timeout}).
+      - C{RECEIVING}: the response head has gone to the client and its body
+        streams (the request body may still be streaming: an early
+        response).
+      - C{SWITCHED}: the upstream granted an upgrade; both connections
+        belong to a tunnel now.
+      - C{DONE}: over: complete, failed or abandoned.  Nothing it is told
+        any more has an effect.
+    """
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:
-        self.owner.upstreamLost(reason)
+    CONNECTING = "CONNECTING"
+    SENDING = "SENDING"
+    WAITING = "WAITING"
+    RECEIVING = "RECEIVING"
+    SWITCHED = "SWITCHED"
+    DONE = "DONE"
 
 
+_CONNECTING = ExchangeState.CONNECTING
+_SENDING = ExchangeState.SENDING
+_WAITING = ExchangeState.WAITING
+_RECEIVING = ExchangeState.RECEIVING
+_SWITCHED = ExchangeState.SWITCHED
+_DONE = ExchangeState.DONE
+_OVER = (_SWITCHED, _DONE)
+
+
+@implementer(IExchange, ILegOwner)
 class Exchange:
     """
     One request from a client and the upstream's answer to it.
 
-    The client protocol feeds the request body with L{sendBody} and
-    L{endBody} once L{connected} is true; the upstream's bytes arrive in
-    L{upstreamData}.  When the response is complete the client protocol is
-    told with C{exchangeFinished(keepAlive)}.
+    The request loop feeds the request body with L{bodyReceived} and
+    L{bodyComplete} once L{readyForBody} is true; the upstream's bytes come
+    in through L{dataReceived}, as the owner of the upstream leg.  The
+    loop is told the outcome through L{IRequestLoop}.
+
+    @ivar state: an L{ExchangeState}.
+    @ivar requestSent: whether the whole request (head and body) has been
+        written to the upstream.
+    @ivar reused: whether the upstream connection came from the pool.
     """
 
-    def __init__(self, client: ProxyProtocol, request: RequestHead, settings: ListenerSettings) -> None:
-        self.client = client
+    def __init__(self, loop: IRequestLoop, request: RequestHead, settings: ListenerSettings) -> None:
+        self.loop = loop
+        self.client = loop.leg
         self.request = request
         self.settings = settings
         self.clock = settings.reactor
         self.started = self.clock.seconds()
-        self.upstream: UpstreamProtocol | None = None
+        self.state = _CONNECTING
+        self.upstream: UpstreamLeg | None = None
         self.server: Any = None
-        self.connected = False
-        self.bodyPending = bool(request.chunked or request.bodyLength)
+        self.reused = False
+        self.requestSent = not (request.chunked or request.bodyLength)
         self.status = 0
         self.bytesIn = 0
         self.bytesOut = 0
         self._connecting: Any = None
-        self._timer: Any = None
-        self._responseBuffer = b""
+        self._heard = False
+        self._headBuffer = ReceiveBuffer()
         self._response: ResponseHead | None = None
         self._decoder: Any = None
         self._chunkedOut = False
         self._closeAfter = False
-        self._headSent = False
-        self._done = False
-        self._reused = False
-        self._reusable = False
-        self._heard = False
-        self._moved = False
+        self._upstreamReusable = False
         self._output: list[bytes] = []
-        self._toClient = client.writeNow
-        self._toUpstream: Any = None
+
+    @property
+    def readyForBody(self) -> bool:
+        return self.upstream is not None and self.state not in _OVER
 
     # The request
 
     def start(self) -> None:
         """Connect to the next upstream server and send the request head."""
-        self._connecting = self.settings.pool.connect(
-            lambda: UpstreamProtocol(self), self.settings.block.proxy_connect_timeout
-        )
-        self._connecting.addCallbacks(self._connected, self._connectFailed)
+        self._connect(reuse=True)
 
-    def _connected(self, result: tuple[Any, UpstreamProtocol, bool]) -> None:
+    def _connect(self, reuse: bool) -> None:
+        self.state = _CONNECTING
+        connecting = self.settings.pool.connect(self._newLeg, self.settings.block.proxy_connect_timeout, reuse=reuse)
+        self._connecting = connecting
+        connecting.addCallback(self._connected)
+        connecting.addErrback(self._connectFailed)
+
+    def _newLeg(self) -> UpstreamLeg:
+        return UpstreamLeg(self.clock)
+
+    def _connected(self, result: tuple[Any, UpstreamLeg, bool]) -> None:
         self._connecting = None
-        self.server, upstream, self._reused = result
-        if self._done:
-            upstream.transport.abortConnection()
+        server, upstream, reused = result
+        if self.state is not _CONNECTING:
+            upstream.abort()
             return
+        self.server, self.upstream, self.reused = server, upstream, reused
         upstream.owner = self
-        self.upstream = upstream
-        self.connected = True
+        upstream.sendTimeout = self.settings.block.proxy_send_timeout
         client = self.client
-        upstream.transport.registerProducer(client.gate, True)
-        client.transport.registerProducer(upstream.gate, True)
-        self._toUpstream = upstream.writeNow
-        self._toUpstream(self._requestHead())
-        if self.bodyPending:
-            self._awaitRequestBody()
-        else:
+        client.feedFrom(upstream)
+        upstream.feedFrom(client)
+        upstream.write(self._requestHead())
+        if self.requestSent:
             self._awaitResponseHead()
-        client.upstreamReady()
+        else:
+            self.state = _SENDING
+        self.loop.readyForBody()
 
     def _connectFailed(self, failure: Failure) -> None:
         self._connecting = None
-        if failure.check(CancelledError) or self._done:
+        if failure.check(CancelledError):
             return
         if failure.check(NoUpstreamAvailable):
             log.error("{client} {method} {target}: {why}", why=failure.getErrorMessage(), **self._logFields())
             self.fail(502, "no upstream server could be reached")
         else:
-            log.failure("connecting to upstream {pool}", failure, pool=self.settings.pool.name)
+            log.failure("{client} {method} {target}: proxying failed", failure, **self._logFields())
             self.fail(502, "the upstream connection failed")
 
     def _requestHead(self) -> bytes:
         request = self.request
         settings = self.settings
         host = request.host or self._ownName()
+        address = self.client.clientAddress.encode("ascii")
+        trusted = self._fromTrustedProxy()
         lines = [b"%b %b HTTP/1.1" % (request.method, request.path), b"Host: " + host]
         lines.extend(b"%b: %b" % pair for pair in endToEnd(request.headers, request.connectionTokens, _REQUEST_DROP))
-        lines.append(b"X-Forwarded-For: " + self._forwardedFor())
+        chain = request.fields.get(b"x-forwarded-for") if trusted else None
+        lines.append(b"X-Forwarded-For: " + (b", ".join((*chain, address)) if chain else address))
+        lines.append(b"X-Real-IP: " + ((request.first(b"x-real-ip") if trusted else None) or address))
         lines.append(b"X-Forwarded-Proto: " + settings.scheme)
         lines.append(b"X-Forwarded-Host: " + host)
         if request.chunked:
@@ -175,7 +216,7 @@ class Exchange:
         if request.upgrade is not None:
             lines.append(b"Connection: Upgrade")
             lines.append(b"Upgrade: " + request.upgrade)
-        elif not self.settings.pool.upstream.keepalive:
+        elif not settings.pool.upstream.keepalive:
             lines.append(b"Connection: close")
         return CRLF.join(lines) + HEAD_END
 
@@ -190,47 +231,40 @@ class Exchange:
         host = getattr(local, "host", "localhost")
         return (f"[{host}]" if ":" in host else host).encode("ascii") + b":%d" % getattr(local, "port", 80)
 
-    def _forwardedFor(self) -> bytes:
+    def _fromTrustedProxy(self) -> bool:
         """
-        The client's address; appended to the chain it sent only when the
-        client is a trusted proxy (nginx C{set_real_ip_from}), so that a
-        client cannot forge where a request came from.
+        Whether the client is a proxy of our own (nginx C{set_real_ip_from}),
+        whose forwarding headers are believed; from anyone else they are
+        replaced, so that a client cannot forge where a request came from.
         """
-        address = self.client.clientAddress
-        chain = self.request.fields.get(b"x-forwarded-for")
-        if chain and self.settings.trustedProxies:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                ip = None
-            if ip is not None and any(ip in network for network in self.settings.trustedProxies):
-                return b", ".join(chain) + b", " + address.encode("ascii")
-        return address.encode("ascii")
+        networks = self.settings.trustedProxies
+        if not networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(self.client.clientAddress)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
 
-    def sendBody(self, payload: bytes) -> None:
+    def bodyReceived(self, payload: bytes) -> None:
         """Forward a piece of the request body, re-framed."""
-        self._moved = True
         self.bytesIn += len(payload)
-        limit = self.settings.block.client_max_body_size
-        if limit and self.bytesIn > limit:
-            self.fail(413, "request body too large")
-            return
-        self._toUpstream(chunk(payload) if self.request.chunked else payload)
+        self.upstream.write(chunk(payload) if self.request.chunked else payload)
 
-    def endBody(self) -> None:
+    def bodyComplete(self) -> None:
         """The request body is complete."""
-        self.bodyPending = False
-        if self.request.chunked and self.upstream is not None:
-            self._toUpstream(LAST_CHUNK)
-        if self.connected and self._response is None and not self._done:
+        self.requestSent = True
+        if self.request.chunked:
+            self.upstream.write(LAST_CHUNK)
+        if self.state is _SENDING:
             self._awaitResponseHead()
 
     # The response
 
-    def upstreamData(self, data: bytes) -> None:
-        if self._done:
+    def dataReceived(self, data: bytes) -> None:
+        if self.state in _OVER:
             return
-        self._heard = self._moved = True
+        self._heard = True
         try:
             if self._response is None:
                 data = self._readHead(data)
@@ -240,6 +274,9 @@ class Exchange:
         finally:
             self._flush()
 
+    def writable(self) -> None:
+        pass
+
     def _emit(self, data: bytes) -> None:
         """Queue bytes for the client; they go out in one write per read from the upstream."""
         self._output.append(data)
@@ -248,7 +285,7 @@ class Exchange:
         output = self._output
         if output:
             self._output = []
-            self._toClient(output[0] if len(output) == 1 else b"".join(output))
+            self.client.write(output[0] if len(output) == 1 else b"".join(output))
 
     def _readHead(self, data: bytes) -> bytes | None:
         """
@@ -256,33 +293,31 @@ class Exchange:
         bytes after the final head, or C{None} if there is nothing to read
         further yet.
         """
-        buffer = self._responseBuffer + data if self._responseBuffer else data
+        buffer = self._headBuffer
+        buffer.append(data)
         while True:
             try:
-                end = findHeadEnd(buffer, MAX_RESPONSE_HEAD)
-                if end < 0:
+                head = buffer.takeHead(MAX_RESPONSE_HEAD)
+                if head is None:
                     if len(buffer) > MAX_RESPONSE_HEAD:
                         raise HTTPError(502, "response head from the upstream too large")
-                    self._responseBuffer = buffer
                     return None
-                head = parseResponseHead(buffer[:end], self.request.method)
+                response = parseResponseHead(head, self.request.method)
             except HTTPError as e:
                 self._badUpstream(e.message)
                 return None
-            buffer = buffer[end:]
-            if head.status == 101:
-                self._switchProtocols(head, buffer)
+            if response.status == 101:
+                self._switchProtocols(response, buffer.takeAll())
                 return None
-            if head.status >= 200:
+            if response.status >= 200:
                 break
-            if head.status in _INTERIM_FORWARDED and self.request.version == b"HTTP/1.1":
-                self._emit(self._responseHeadBytes(head, []))
-        self._responseBuffer = b""
-        self._startResponse(head)
-        return buffer
+            if response.status in _INTERIM_FORWARDED and self.request.version == b"HTTP/1.1":
+                self._emit(self._responseHeadBytes(response, []))
+        self._startResponse(response)
+        return buffer.takeAll()
 
     def _startResponse(self, head: ResponseHead) -> None:
-        self._awaitResponseBody()
+        self.state = _RECEIVING
         self._response = head
         self.status = head.status
         request = self.request
@@ -304,13 +339,15 @@ class Exchange:
                 framing.append(b"Transfer-Encoding: chunked")
             else:
                 self._closeAfter = True
-        if not request.keepAlive or self._closeAfter:
+        # An answer that comes before the request body is all in ends the
+        # connection: the rest of the body cannot be told from a next request.
+        if not request.keepAlive or self._closeAfter or not self.requestSent:
             self._closeAfter = True
             framing.append(b"Connection: close")
         elif not http11:
             framing.append(b"Connection: keep-alive")
         self._emit(self._responseHeadBytes(head, framing))
-        self._headSent = True
+        self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseBodyStalled)
 
     def _responseHeadBytes(self, head: ResponseHead, framing: list[bytes]) -> bytes:
         lines = [b"HTTP/1.1 %d %b" % (head.status, head.reason)]
@@ -326,7 +363,7 @@ class Exchange:
                 self._writeBody(data)
             return
         if decoder.done:
-            self._reusable = not data
+            self._upstreamReusable = not data
             self._finishResponse()
             return
         if not data:
@@ -339,7 +376,7 @@ class Exchange:
         if payload:
             self._writeBody(payload)
         if rest is not None:
-            self._reusable = not rest
+            self._upstreamReusable = not rest
             self._finishResponse()
 
     def _writeBody(self, payload: bytes) -> None:
@@ -350,9 +387,8 @@ class Exchange:
         if self._chunkedOut:
             self._emit(LAST_CHUNK)
         self._flush()
-        self._end(keep=self._reusable and self._response.keepAlive and not self.bodyPending)
-        keepAlive = not (self._closeAfter or self.bodyPending)
-        self.client.exchangeFinished(keepAlive)
+        self._end(keep=self._upstreamReusable and self._response.keepAlive and self.requestSent)
+        self.loop.exchangeFinished(not self._closeAfter)
 
     def _switchProtocols(self, head: ResponseHead, early: bytes) -> None:
         """
@@ -374,31 +410,27 @@ class Exchange:
             if accept != [websocketAccept(request.fields[b"sec-websocket-key"][0])]:
                 self._badUpstream("the upstream's 101 has a wrong Sec-WebSocket-Accept")
                 return
-        self._cancelTimer()
         self.status = 101
-        framing = [b"Upgrade: " + request.upgrade, b"Connection: Upgrade"]
-        self._emit(self._responseHeadBytes(head, framing))
+        self.state = _SWITCHED
+        self._emit(self._responseHeadBytes(head, [b"Upgrade: " + request.upgrade, b"Connection: Upgrade"]))
         self._flush()
-        self._headSent = True
-        self._done = True
-        tunnel = Tunnel(self.client, self.upstream, self.settings, self._logFields())
-        self.client.switchToTunnel(tunnel, early)
+        upstream = self.upstream
+        upstream.cancelTimer()
+        upstream.sendTimeout = self.settings.block.send_timeout
+        self.loop.switchToTunnel(upstream, early, self._logFields())
 
     # Endings
 
-    def upstreamLost(self, reason: Failure) -> None:
-        if self._done:
+    def connectionLost(self, reason: Failure) -> None:
+        """The upstream connection is gone."""
+        if self.state in _OVER:
             return
-        if (
-            self._response is None
-            and self._reused
-            and not self._heard
-            and not self.bodyPending
-            and not (self.request.chunked or self.request.bodyLength)
-        ):
-            self._retryFresh()
-            return
-        if self._response is None:
+        if self.upstream.sendTimedOut:
+            self.fail(504, "the upstream did not read the request in time")
+        elif self._response is None:
+            if self.reused and not self._heard and self._mayRetry():
+                self._retryFresh()
+                return
             why = describeTLSFailure(reason)
             if why is not None:
                 log.error("{client} {method} {target}: upstream {upstream}: {why}", why=why, **self._logFields())
@@ -413,63 +445,40 @@ class Exchange:
                 **self._logFields(),
             )
             self._end()
-            self.client.exchangeAborted()
+            self.loop.exchangeAborted()
+
+    def _mayRetry(self) -> bool:
+        """
+        Whether the request may be sent again after a kept-alive connection
+        closed as it was reused: it went whole (no body to replay) and its
+        method is idempotent, or the configuration allows any method
+        (nginx C{proxy_next_upstream ... non_idempotent}).
+        """
+        request = self.request
+        if request.chunked or request.bodyLength:
+            return False
+        return request.method in IDEMPOTENT_METHODS or self.settings.block.proxy_next_upstream_non_idempotent
 
     def _retryFresh(self) -> None:
         """
         A kept-alive connection was closed by the server as it was reused,
-        before any answer: send the request again on a new connection, as
-        nothing of it can have been processed.
+        before any answer: send the request again on a new connection.
         """
-        self.client.transport.unregisterProducer()
-        self.client.gate.release("peer")
+        self.client.feedFrom(None)
         self.upstream = None
-        self.connected = False
-        self._reused = False
-        self._cancelTimer()
-        self._connecting = self.settings.pool.connect(
-            lambda: UpstreamProtocol(self), self.settings.block.proxy_connect_timeout, reuse=False
-        )
-        self._connecting.addCallbacks(self._connected, self._connectFailed)
+        self.reused = False
+        self._connect(reuse=False)
 
     def clientLost(self) -> None:
-        """The client went away: abandon the upstream side."""
-        if self._done:
+        """The client went away: abandon the upstream side (nginx logs 499 if no response had begun)."""
+        if self.state in _OVER:
             return
-        self._end(abort=True)
         self.status = self.status or 499
-
-    # Waiting: one timer, for whatever the exchange waits on now.  Like
-    # nginx's timeouts, each measures the time between two reads, and a
-    # side that is paused by flow control (the other side reads slowly) is
-    # not stalled.
-
-    def _awaitRequestBody(self) -> None:
-        self._await(self.settings.block.client_body_timeout, self._requestBodyStalled, self.client.gate)
+        self._end(abort=True)
 
     def _awaitResponseHead(self) -> None:
-        self._await(self.settings.block.proxy_read_timeout, self._responseHeadLate, None)
-
-    def _awaitResponseBody(self) -> None:
-        self._await(self.settings.block.proxy_read_timeout, self._responseBodyStalled, self.upstream.gate)
-
-    def _await(self, seconds: float, onStall: Any, excusedBy: ReadGate | None) -> None:
-        self._cancelTimer()
-        self._moved = False
-        if seconds:
-            self._timer = self.clock.callLater(seconds, self._checkProgress, seconds, onStall, excusedBy)
-
-    def _checkProgress(self, seconds: float, onStall: Any, excusedBy: ReadGate | None) -> None:
-        self._timer = None
-        if self._done:
-            return
-        if self._moved or (excusedBy is not None and excusedBy.held):
-            self._await(seconds, onStall, excusedBy)
-            return
-        onStall()
-
-    def _requestBodyStalled(self) -> None:
-        self.fail(408, "the request body stopped arriving")
+        self.state = _WAITING
+        self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseHeadLate)
 
     def _responseHeadLate(self) -> None:
         self.fail(504, "the upstream did not respond in time")
@@ -487,40 +496,43 @@ class Exchange:
         Answer with an error of the proxy's own, or cut the response short
         if its head has already been sent.
         """
-        if self._done:
+        state = self.state
+        if state in _OVER:
             return
         self._flush()
-        self.status = status
-        self._end(abort=True)
-        if self._headSent:
-            self.client.exchangeAborted()
+        self._end(abort=True, status=self.status if state is _RECEIVING else status)
+        if state is _RECEIVING:
+            self.loop.exchangeAborted()
             return
         # After a failed upgrade the client may already be sending frames
         # that are not HTTP: the connection cannot be used again.
-        close = self.bodyPending or not self.request.keepAlive or self.request.upgrade is not None
-        self._toClient(
-            errorResponse(status, message, self.settings.extraHeaders, close=close, head=self.request.method == b"HEAD")
+        request = self.request
+        close = not self.requestSent or not request.keepAlive or request.upgrade is not None
+        self.client.write(
+            errorResponse(status, message, self.settings.extraHeaders, close=close, head=request.method == b"HEAD")
         )
-        self.client.exchangeFinished(not close)
+        self.loop.exchangeFinished(not close)
 
-    def _end(self, abort: bool = False, keep: bool = False) -> None:
+    def _end(self, abort: bool = False, keep: bool = False, status: int | None = None) -> None:
         """
         Release the upstream connection (back to the pool if C{keep} and
         the pool has room) and log the exchange.
         """
-        self._done = True
-        self._cancelTimer()
+        self.state = _DONE
+        if status is not None:
+            self.status = status
         if self._connecting is not None:
             self._connecting.cancel()
         upstream = self.upstream
         if upstream is not None:
-            upstream.owner = _Detached
-            upstream.transport.unregisterProducer()
-            upstream.gate.release("peer")
+            self.client.feedFrom(None)
+            upstream.feedFrom(None)
+            upstream.cancelTimer()
+            upstream.owner = Unowned
             if abort:
-                upstream.transport.abortConnection()
+                upstream.abort()
             elif not (keep and self.settings.pool.release(self.server, upstream)):
-                upstream.transport.loseConnection()
+                upstream.close()
         if self.settings.block.access_log:
             logRequest(
                 status=self.status,
@@ -530,29 +542,11 @@ class Exchange:
                 **self._logFields(),
             )
 
-    def _cancelTimer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
     def _logFields(self) -> dict[str, Any]:
         request = self.request
         return {
             "client": self.client.clientAddress,
             "method": request.method.decode("ascii"),
-            "target": request.target.decode("ascii", "replace"),
+            "target": request.target.decode("ascii", "backslashreplace"),
             "upstream": str(self.server.address) if self.server is not None else "-",
         }
-
-
-class _Detached:
-    """The owner of an upstream connection that its exchange has let go of."""
-
-    @staticmethod
-    def upstreamData(data: bytes) -> None:
-        pass
-
-    @staticmethod
-    def upstreamLost(reason: Failure) -> None:
-        pass

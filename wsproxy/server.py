@@ -1,110 +1,124 @@
 # -*- test-case-name: tests.test_server -*-
 """
-The client-facing side: a Twisted protocol that reads HTTP/1.1 requests off
-a client connection, one at a time and in order, and hands each to an
-L{Exchange}; after a granted upgrade the connection becomes one end of a
-L{Tunnel}.
+The client-facing side, shared by every listener: a L{ClientLeg} per
+connection, and the L{RequestLoop} that reads requests off it one at a
+time, in order, and hands each to an L{IExchange}: a proxied exchange for a
+proxy listener, a redirect for a redirect listener.  After a granted
+upgrade the connection is handed to a L{wsproxy.tunnel.Tunnel}.
 
-Bytes that arrive while a response is in flight (pipelined requests, or a
-client's first WebSocket frames) wait in a bounded buffer; past the bound
-the client is paused, so a client cannot make the proxy buffer without
-limit.
+The HTTP/1.1 rules live in L{wsproxy.connection.RequestCycle}, which does
+no I/O; this module is the thin Twisted adapter over it: it feeds it bytes,
+keeps the client's timers, and stops reading while a response is in
+flight.  Bytes that arrive meanwhile (pipelined requests, a client's first
+WebSocket frames) wait in a bounded buffer; past the bound the client is
+paused, and while the client does not read what it is sent no further
+request is answered, so no client can make the proxy buffer without limit.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import re
+from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .config import ServerBlock
-from .flow import ReadGate, writerFor
-from .http import (
-    CRLF,
-    ChunkedDecoder,
-    HTTPError,
-    LengthDecoder,
-    Limits,
-    RequestHead,
-    errorResponse,
-    findHeadEnd,
-    parseRequestHead,
-)
+from .connection import NEED_DATA, BodyData, RequestCycle, RequestReceived, State
+from .http import HTTPError, Limits, RequestHead, errorResponse
+from .interfaces import IExchange, ILegOwner, IRequestLoop
+from .leg import Leg
 from .relay import Exchange
-from .tunnel import Tunnel, setNoDelay
+from .tunnel import Tunnel
 from .upstream import UpstreamPool
 
-__all__ = ["ListenerSettings", "ProxyFactory", "ProxyProtocol"]
+__all__ = [
+    "ClientLeg",
+    "ConnectionSettings",
+    "ListenerFactory",
+    "ListenerSettings",
+    "ProxyFactory",
+    "RequestLoop",
+]
 
 log = Logger()
-
-#: What the start of a request line can look like: a method token, then a space.
-_METHOD_PREFIX = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]*(?: |\Z)")
 
 #: How much a client may send ahead while its previous request is answered.
 PIPELINE_BUFFER = 65536
 
 
-class ListenerSettings:
+class ConnectionSettings:
     """
-    Everything a listener's connections need, derived once from its
-    L{ServerBlock}.  A reload builds a new one; requests already under way
-    keep the one they started with.
+    What every connection of a listener needs, derived once from its
+    L{ServerBlock}.  A reload builds new settings; a connection takes them
+    up at its next request.
     """
 
-    def __init__(self, block: ServerBlock, pool: UpstreamPool | None, reactor: Any, secure: bool = False) -> None:
+    upgradeProtocols: frozenset[bytes] = frozenset()
+
+    def __init__(self, block: ServerBlock) -> None:
         self.block = block
+        self.limits = Limits(block.max_request_line, block.max_header_size, block.max_headers)
+        self.extraHeaders = tuple((k.encode("ascii"), v.encode("ascii")) for k, v in block.add_header)
+        self.extraHeaderLines = tuple(b"%b: %b" % pair for pair in self.extraHeaders)
+
+
+class ListenerSettings(ConnectionSettings):
+    """A proxy listener's settings: its pool, its scheme and its policies."""
+
+    def __init__(self, block: ServerBlock, pool: UpstreamPool | None, reactor: Any, secure: bool = False) -> None:
+        super().__init__(block)
         self.pool = pool
         self.reactor = reactor
         self.secure = secure
         self.scheme = b"https" if secure else b"http"
-        self.limits = Limits(block.max_request_line, block.max_header_size, block.max_headers)
-        self.headLimit = block.max_request_line + block.max_header_size
-        self.extraHeaders = tuple((k.encode("ascii"), v.encode("ascii")) for k, v in block.add_header)
-        self.extraHeaderLines = tuple(b"%b: %b" % pair for pair in self.extraHeaders)
         self.upgradeProtocols = frozenset(p.encode("ascii") for p in block.upgrade_protocols)
         self.allowedOrigins = frozenset(o.lower().rstrip("/").encode("ascii") for o in block.allowed_origins)
         self.trustedProxies = tuple(ipaddress.ip_network(n, strict=False) for n in block.set_real_ip_from)
 
 
-class ProxyProtocol(Protocol):
+@implementer(ILegOwner, IRequestLoop)
+class RequestLoop:
     """
-    One client connection: requests in, responses out, in order.
+    Reads a client connection's requests one at a time, hands each to an
+    L{IExchange}, and keeps the client's timers: C{client_header_timeout}
+    for a head, C{client_body_timeout} between two reads of a body,
+    C{keepalive_timeout} between requests.
 
-    @ivar gate: pauses reading from the client for as long as any reason
-        holds it (upstream slow to read, pipeline buffer full).
+    @ivar exchange: the exchange in progress, if any.
     """
 
-    factory: ProxyFactory
-    settings: ListenerSettings
-    clientAddress: str = "-"
-    gate: ReadGate
+    exchange: Any = None
 
-    def connectionMade(self) -> None:
-        self.settings = self.factory.settings
-        peer = self.transport.getPeer()
-        self.clientAddress = getattr(peer, "host", None) or "-"
-        self.gate = ReadGate(self.transport)
-        self.writeNow = writerFor(self.transport)
-        self._buffer = b""
-        self._exchange: Exchange | None = None
-        self._decoder: Any = None
-        self._tunnel: Tunnel | None = None
-        self._closing = False
+    def __init__(
+        self,
+        leg: ClientLeg,
+        settings: Any,
+        startExchange: Callable[[RequestLoop, RequestHead], IExchange],
+        factory: ListenerFactory,
+    ) -> None:
+        self.leg = leg
+        self.factory = factory
+        self._startExchange = startExchange
         self._pumping = False
-        self._timer: Any = None
-        setNoDelay(self.transport)
-        self._startTimer(self.settings.block.client_header_timeout, self._headTimedOut)
+        self._idle = False
+        self._adopt(settings)
+        self.cycle = RequestCycle(settings.limits, settings.upgradeProtocols, settings.block.client_max_body_size)
+        leg.setDeadline(self.block.client_header_timeout, self._headTimedOut)
+
+    def _adopt(self, settings: Any) -> None:
+        self.settings = settings
+        self.block = block = settings.block
+        self.leg.sendTimeout = block.send_timeout
 
     # Reading requests
 
     def dataReceived(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
+        self.cycle.receiveData(data)
         self._pump()
 
     def _pump(self) -> None:
@@ -112,184 +126,172 @@ class ProxyProtocol(Protocol):
         if self._pumping:
             return
         self._pumping = True
+        leg, cycle = self.leg, self.cycle
         try:
-            while not self._closing and self._tunnel is None:
-                exchange = self._exchange
+            while not leg.closing:
+                exchange = self.exchange
                 if exchange is None:
-                    if not self._readHead():
+                    if leg.writeBlocked:
+                        # One answer at a time: wait until the client reads.
+                        break
+                    try:
+                        event = cycle.nextEvent()
+                    except HTTPError as e:
+                        self._refuse(e)
                         return
-                elif exchange.bodyPending:
-                    if not exchange.connected or not self._buffer:
-                        self._holdIfFull()
-                        return
-                    if not self._readBody(exchange):
-                        return
+                    if event is NEED_DATA:
+                        if self._idle and cycle.buffered:
+                            self._idle = False
+                            leg.setDeadline(self.block.client_header_timeout, self._headTimedOut)
+                        break
+                    assert isinstance(event, RequestReceived)
+                    self._begin(event.request)
+                elif cycle.state is State.SEND_BODY and exchange.readyForBody:
+                    try:
+                        event = cycle.nextEvent()
+                    except HTTPError as e:
+                        exchange.fail(e.status, e.message)
+                        continue
+                    if event is NEED_DATA:
+                        break
+                    if isinstance(event, BodyData):
+                        exchange.bodyReceived(event.data)
+                    else:
+                        leg.cancelTimer()
+                        exchange.bodyComplete()
                 else:
-                    self._holdIfFull()
-                    return
+                    break
+            if cycle.buffered > PIPELINE_BUFFER:
+                leg.gate.hold("buffer")
+            else:
+                leg.gate.release("buffer")
         finally:
             self._pumping = False
 
-    def _holdIfFull(self) -> None:
-        if len(self._buffer) > PIPELINE_BUFFER:
-            self.gate.hold("buffer")
-        else:
-            self.gate.release("buffer")
-
-    def _readHead(self) -> bool:
-        buffer = self._buffer
-        while buffer[:2] == CRLF:
-            buffer = buffer[2:]
-        self._buffer = buffer
-        if not buffer:
-            return False
-        settings = self.settings
-        limits = settings.limits
-        request = None
+    def _begin(self, request: RequestHead) -> None:
+        self._idle = False
+        self.leg.cancelTimer()
         try:
-            end = findHeadEnd(buffer, settings.headLimit)
-            if end < 0:
-                if _METHOD_PREFIX.match(buffer) is None:
-                    raise HTTPError(400, "this is not an HTTP request")
-                if len(buffer) > limits.maxRequestLine and buffer.find(CRLF, 0, limits.maxRequestLine + 2) < 0:
-                    raise HTTPError(414, "request line too long")
-                if len(buffer) > settings.headLimit:
-                    raise HTTPError(431, "request header section too large")
-                if self._timer is not None and self._timer.func == self._idleTimedOut:
-                    self._startTimer(settings.block.client_header_timeout, self._headTimedOut)
-                return False
-            request = parseRequestHead(buffer[:end], limits, settings.upgradeProtocols)
-            self._buffer = buffer[end:]
-            self._cancelTimer()
             self._check(request)
         except HTTPError as e:
             self._refuse(e, request)
-            return False
-        self._decoder = (
-            ChunkedDecoder() if request.chunked else LengthDecoder(request.bodyLength) if request.bodyLength else None
-        )
-        self._exchange = Exchange(self, request, settings)
-        self._exchange.start()
-        return True
+            return
+        self.exchange = self._startExchange(self, request)
+        self.exchange.start()
 
     def _check(self, request: RequestHead) -> None:
-        """Refuse what the listener's policy does not allow, before any upstream is contacted."""
-        settings = self.settings
-        limit = settings.block.client_max_body_size
-        if limit and request.bodyLength and request.bodyLength > limit:
-            raise HTTPError(413, "request body too large")
-        if request.upgrade is not None and settings.allowedOrigins:
+        """Refuse what the listener's policy does not allow, before anything else is done."""
+        allowed = getattr(self.settings, "allowedOrigins", None)
+        if request.upgrade is not None and allowed:
             origin = (request.first(b"origin") or b"").lower().rstrip(b"/")
-            if origin not in settings.allowedOrigins:
+            if origin not in allowed:
                 raise HTTPError(403, "WebSocket upgrade from an origin that is not allowed")
 
-    def _readBody(self, exchange: Exchange) -> bool:
-        try:
-            payload, rest = self._decoder.feed(self._buffer)
-        except HTTPError as e:
-            self._buffer = b""
-            exchange.fail(e.status, e.message)
-            return False
-        self._buffer = b""
-        if payload:
-            exchange.sendBody(payload)
-        if rest is not None:
-            self._buffer = rest
-            exchange.endBody()
-        return True
+    # What the exchange tells the loop
 
-    def upstreamReady(self) -> None:
-        """The exchange is connected: the request body can flow."""
+    def readyForBody(self) -> None:
+        """The exchange can take the request body now."""
+        if self.cycle.state is State.SEND_BODY:
+            self.leg.expectData(self.block.client_body_timeout, self._bodyStalled)
         self._pump()
-
-    # Ending an exchange
 
     def exchangeFinished(self, keepAlive: bool) -> None:
         """The response is complete; go on with the next request, or close."""
-        self._exchange = None
-        self.transport.unregisterProducer()
-        self.gate.release("peer")
-        if not keepAlive or self._closing or self.factory.draining:
-            self._close()
+        self.exchange = None
+        cycle, leg = self.cycle, self.leg
+        cycle.finishResponse(keepAlive)
+        if cycle.state is not State.DONE or self.factory.draining:
+            leg.close()
             return
-        self.gate.release("buffer")
-        self._startTimer(self.settings.block.keepalive_timeout, self._idleTimedOut)
-        self.settings = self.factory.settings
-        if self._buffer:
+        cycle.startNextCycle()
+        settings = self.factory.settings
+        if settings is not self.settings:
+            self._adopt(settings)
+            cycle.limits = settings.limits
+            cycle.headLimit = settings.limits.maxRequestLine + settings.limits.maxHeaderSize
+            cycle.maxBodySize = settings.block.client_max_body_size
+        self._idle = True
+        leg.setDeadline(self.block.keepalive_timeout, leg.close)
+        if cycle.buffered:
             self._pump()
-
-    def closeIfIdle(self) -> None:
-        """Close the connection if it is between requests."""
-        if self._exchange is None and self._tunnel is None:
-            self._close()
 
     def exchangeAborted(self) -> None:
         """The response was cut short: the client must see a truncated message."""
-        self._exchange = None
-        self._close()
+        self.exchange = None
+        self.leg.close()
 
-    def switchToTunnel(self, tunnel: Tunnel, fromUpstream: bytes) -> None:
-        """The upstream granted the upgrade: from now on, move bytes only."""
-        self._exchange = None
-        self._cancelTimer()
-        self._tunnel = tunnel
-        self.factory.tunnels.add(tunnel)
-        early, self._buffer = self._buffer, b""
-        tunnel.start(early, fromUpstream)
+    def switchToTunnel(self, upstream: Leg, fromUpstream: bytes, logFields: dict[str, Any]) -> None:
+        """The upstream granted the upgrade: hand both connections to a tunnel."""
+        self.exchange = None
+        leg = self.leg
+        leg.cancelTimer()
+        early = self.cycle.switchProtocols()
+        leg.gate.release("buffer")
+        Tunnel(leg, upstream, self.settings, logFields).start(early, fromUpstream)
 
-    def tunnelClosed(self, tunnel: Tunnel) -> None:
-        self.factory.tunnels.discard(tunnel)
+    # What the leg tells the loop
+
+    def writable(self) -> None:
+        if self.exchange is None and self.cycle.buffered:
+            self._pump()
+
+    def connectionLost(self, reason: Failure) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.clientLost()
+
+    def closeIfIdle(self) -> None:
+        """Close the connection if it is between requests."""
+        if self.exchange is None and self.cycle.state is State.IDLE and not self.cycle.buffered:
+            self.leg.close()
 
     # Errors and timeouts
 
-    def _refuse(self, error: HTTPError, request: RequestHead | None) -> None:
-        """Answer a request the proxy will not forward, and close."""
+    def _refuse(self, error: HTTPError, request: RequestHead | None = None) -> None:
+        """Answer a request that goes no further, and close."""
         log.info(
             "{client} refused: {status} {message}",
-            client=self.clientAddress,
+            client=self.leg.clientAddress,
             status=error.status,
             message=error.message,
         )
         head = request is not None and request.method == b"HEAD"
-        self.transport.write(errorResponse(error.status, error.message, self.settings.extraHeaders, head=head))
-        self._close()
-
-    def _close(self) -> None:
-        self._closing = True
-        self._cancelTimer()
-        self.transport.loseConnection()
+        self.leg.write(errorResponse(error.status, error.message, self.settings.extraHeaders, head=head))
+        self.leg.close()
 
     def _headTimedOut(self) -> None:
-        self._timer = None
-        if self._buffer:
-            self._refuse(HTTPError(408, "the request head did not arrive in time"), None)
+        if self.cycle.buffered:
+            self._refuse(HTTPError(408, "the request head did not arrive in time"))
         else:
-            self._close()
+            self.leg.close()
 
-    def _idleTimedOut(self) -> None:
-        self._timer = None
-        if self._exchange is None and not self._buffer:
-            self._close()
+    def _bodyStalled(self) -> None:
+        if self.exchange is not None:
+            self.exchange.fail(408, "the request body stopped arriving")
 
-    def _startTimer(self, seconds: float, action: Any) -> None:
-        self._cancelTimer()
-        if seconds:
-            self._timer = self.settings.reactor.callLater(seconds, action)
 
-    def _cancelTimer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+class ClientLeg(Leg):
+    """
+    A client's connection to a listener.  It starts as a L{RequestLoop}'s
+    and may end as one end of a tunnel.
+    """
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:
-        self._closing = True
-        self._cancelTimer()
-        if self._exchange is not None:
-            self._exchange.clientLost()
-            self._exchange = None
-        if self._tunnel is not None:
-            self._tunnel.clientLost(reason)
+    factory: ListenerFactory
+    clientAddress: str = "-"
+    loop: RequestLoop
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        factory = self.factory
+        self.loop = self.owner = RequestLoop(self, factory.settings, factory.startExchange, factory)
+
+    def closeIfIdle(self) -> None:
+        """Shutting down: close now if no request is under way."""
+        if self.owner is self.loop:
+            self.loop.closeIfIdle()
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
         self.factory.connectionClosed(self)
 
 
@@ -304,23 +306,26 @@ class _Refusal(Protocol):
         self.transport.loseConnection()
 
 
-class ProxyFactory(Factory):
+class ListenerFactory(Factory):
     """
-    Builds a L{ProxyProtocol} per client connection, and keeps count of
-    connections (for C{max_connections}) and open tunnels (for a graceful
-    shutdown).
+    Builds a L{ClientLeg} per connection, within C{max_connections} and
+    C{max_connections_per_ip}, and keeps count of them for a graceful
+    shutdown.  Subclasses say what answers a request (L{startExchange}).
 
-    @ivar settings: the current L{ListenerSettings}; replace it to reload.
+    @ivar settings: the current settings; replace them to reload.
     """
 
-    protocol = ProxyProtocol
+    noisy = False
 
-    def __init__(self, settings: ListenerSettings) -> None:
+    def __init__(self, settings: Any, reactor: IReactorTime) -> None:
         self.settings = settings
-        self.connections: set[ProxyProtocol] = set()
+        self.reactor = reactor
+        self.connections: set[ClientLeg] = set()
         self.perAddress: dict[str, int] = {}
-        self.tunnels: set[Tunnel] = set()
         self.draining = False
+
+    def startExchange(self, loop: RequestLoop, request: RequestHead) -> IExchange:
+        raise NotImplementedError
 
     def drain(self) -> None:
         """
@@ -339,14 +344,14 @@ class ProxyFactory(Factory):
         ):
             log.warn("{client} refused: connection limit reached", client=host)
             return _Refusal(self.settings.extraHeaders)
-        protocol = ProxyProtocol()
+        protocol = ClientLeg(self.reactor)
         protocol.factory = self
+        protocol.clientAddress = host
         self.connections.add(protocol)
         self.perAddress[host] = self.perAddress.get(host, 0) + 1
-        protocol.clientAddress = host
         return protocol
 
-    def connectionClosed(self, protocol: ProxyProtocol) -> None:
+    def connectionClosed(self, protocol: ClientLeg) -> None:
         if protocol in self.connections:
             self.connections.discard(protocol)
             host = protocol.clientAddress
@@ -355,3 +360,13 @@ class ProxyFactory(Factory):
                 self.perAddress[host] = count
             else:
                 self.perAddress.pop(host, None)
+
+
+class ProxyFactory(ListenerFactory):
+    """A proxy listener: each request becomes an L{wsproxy.relay.Exchange} with an upstream."""
+
+    def __init__(self, settings: ListenerSettings) -> None:
+        super().__init__(settings, settings.reactor)
+
+    def startExchange(self, loop: RequestLoop, request: RequestHead) -> IExchange:
+        return Exchange(loop, request, loop.settings)

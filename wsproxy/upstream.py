@@ -21,8 +21,10 @@ from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from .config import Upstream, UpstreamAddress
+from .interfaces import ILegOwner
 
 __all__ = ["NoUpstreamAvailable", "UpstreamPool", "UpstreamServer"]
 
@@ -155,10 +157,10 @@ class UpstreamPool:
             while first.idle:
                 keeper = first.idle.pop()
                 if keeper.takeBack():
-                    return succeed((first, keeper.protocol, True))
+                    return succeed((first, keeper.leg, True))
         return ensureDeferred(self._connect(order, protocolFactory, timeout))
 
-    def release(self, server: UpstreamServer, protocol: Any) -> bool:
+    def release(self, server: UpstreamServer, leg: Any) -> bool:
         """
         Keep a connection whose exchange is complete for the next request
         to C{server} (nginx C{keepalive}).
@@ -167,7 +169,7 @@ class UpstreamPool:
         """
         if self.retired or len(server.idle) >= self.upstream.keepalive:
             return False
-        server.idle.append(_IdleConnection(self, server, protocol))
+        server.idle.append(_IdleConnection(self, server, leg))
         return True
 
     def retire(self) -> None:
@@ -211,43 +213,44 @@ class UpstreamPool:
         raise NoUpstreamAvailable(self.name, failures)
 
 
+@implementer(ILegOwner)
 class _IdleConnection:
     """
-    Owns an upstream connection while it waits in the pool: a byte from the
+    Owns an upstream leg while it waits in the pool: a byte from the
     server (there is no request to answer) or the idle timeout closes it,
     and a close by the server removes it.
     """
 
-    __slots__ = ("pool", "server", "protocol", "_timer")
+    __slots__ = ("server", "leg")
 
-    def __init__(self, pool: UpstreamPool, server: UpstreamServer, protocol: Any) -> None:
-        self.pool = pool
+    def __init__(self, pool: UpstreamPool, server: UpstreamServer, leg: Any) -> None:
         self.server = server
-        self.protocol = protocol
-        protocol.owner = self
-        self._timer = pool._reactor.callLater(pool.upstream.keepalive_timeout, self.close)
+        self.leg = leg
+        leg.owner = self
+        leg.setDeadline(pool.upstream.keepalive_timeout, self.close)
 
     def takeBack(self) -> bool:
         """Leave the pool for a new exchange; false if the connection is gone."""
-        if self._timer.active():
-            self._timer.cancel()
-        return self.protocol.connected
+        leg = self.leg
+        leg.cancelTimer()
+        return leg.connected and not leg.closing
 
     def close(self) -> None:
-        if self._timer.active():
-            self._timer.cancel()
+        self._forget()
+        self.leg.close()
+
+    def _forget(self) -> None:
         if self in self.server.idle:
             self.server.idle.remove(self)
-        self.protocol.transport.loseConnection()
 
-    def upstreamData(self, data: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:
         self.close()
 
-    def upstreamLost(self, reason: Any) -> None:
-        if self._timer.active():
-            self._timer.cancel()
-        if self in self.server.idle:
-            self.server.idle.remove(self)
+    def connectionLost(self, reason: Any) -> None:
+        self._forget()
+
+    def writable(self) -> None:
+        pass
 
 
 class _OneConnection(Factory):

@@ -1,0 +1,263 @@
+# -*- test-case-name: tests.test_leg -*-
+"""
+One leg of a proxied connection (the client's, or the upstream's) and the
+one object that owns its transport.
+
+A L{Leg} is the only code that registers a producer with its transport,
+starts a timer for it or closes it.  It registers I{itself} as its
+transport's streaming producer once, when the connection is made, and
+unregisters once, when it closes; what it passes the transport's pause and
+resume on to (the other leg, while the two are wired together) changes
+without touching the registration, as C{_newclient}'s
+C{TransportProxyProducer} does.  Because every close goes through
+L{Leg.close}, the producer is always unregistered before
+C{loseConnection}: a TLS transport does not shut down while a producer is
+registered, so a close that forgot it worked on plain TCP and hung on TLS.
+
+What the bytes mean is not the leg's business: it hands them to its
+L{ILegOwner} (the request loop, an exchange, a tunnel end, the idle pool),
+and the owner changes as the connection moves from one layer to the next.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .flow import ReadGate, pendingBytes, writerFor
+from .interfaces import ILegOwner
+
+__all__ = ["Leg", "Unowned", "setNoDelay"]
+
+log = Logger()
+
+#: How long a close may take without a byte moving when no send timeout is
+#: configured: a peer that never reads must not keep a closing socket open.
+CLOSE_BOUND = 60.0
+
+
+def setNoDelay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off for C{transport}, looking through TLS
+    wrappers to the TCP transport underneath; small WebSocket frames must
+    not wait for an acknowledgement.
+    """
+    while transport is not None:
+        setter = getattr(type(transport), "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(transport, True)
+            except OSError:
+                pass
+            return
+        handle = getattr(transport, "socket", None)
+        if isinstance(handle, socket.socket):
+            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return
+        transport = getattr(transport, "transport", None)
+
+
+@implementer(ILegOwner)
+class Unowned:
+    """The owner of a leg that nobody uses (any more): it drops what comes."""
+
+    @staticmethod
+    def dataReceived(data: bytes) -> None:
+        pass
+
+    @staticmethod
+    def connectionLost(reason: Failure) -> None:
+        pass
+
+    @staticmethod
+    def writable() -> None:
+        pass
+
+
+@implementer(IPushProducer)
+class Leg(Protocol):
+    """
+    A connection of the proxy, with its flow control, its timers and its
+    close.
+
+    @ivar owner: the L{ILegOwner} the bytes go to.
+    @ivar gate: pauses reading from this leg, for as many reasons as hold it.
+    @ivar feeder: the leg whose bytes this one writes; it is paused while
+        this leg's write buffer is full.
+    @ivar writeBlocked: whether this leg's write buffer is full.
+    @ivar sendTimeout: how long pending writes may go without moving before
+        the leg is aborted (0: for ever); also the bound on a close.
+    @ivar sendTimedOut: whether the leg was aborted for that reason.
+    """
+
+    owner: Any = Unowned
+    gate: ReadGate
+    write: Callable[[bytes], None]
+    sendTimeout: float = 0.0
+    feeder: Leg | None = None
+    writeBlocked = False
+    closing = False
+    sendTimedOut = False
+    _moved = False
+    _readTimer: Any = None
+    _sendWatch: Any = None
+    _lastPending = 0
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+
+    def connectionMade(self) -> None:
+        transport = self.transport
+        self.gate = ReadGate(transport)
+        self.write = writerFor(transport)
+        setNoDelay(transport)
+        transport.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._moved = True
+        self.owner.dataReceived(data)
+
+    # Flow control: the transport pauses and resumes its producer (this
+    # leg) as its write buffer fills and drains.
+
+    def feedFrom(self, other: Leg | None) -> None:
+        """
+        Pause reading from C{other} whenever this leg's write buffer is
+        full (C{None}: nobody feeds this leg any more).
+        """
+        previous = self.feeder
+        if previous is other:
+            return
+        if previous is not None and self.writeBlocked:
+            previous.gate.release("peer")
+        self.feeder = other
+        if other is not None and self.writeBlocked:
+            other.gate.hold("peer")
+
+    def pauseProducing(self) -> None:
+        self.writeBlocked = True
+        if self.feeder is not None:
+            self.feeder.gate.hold("peer")
+        self._watchSending()
+
+    def resumeProducing(self) -> None:
+        self.writeBlocked = False
+        if self.feeder is not None:
+            self.feeder.gate.release("peer")
+        if not self.closing:
+            self._stopWatchingSending()
+            self.owner.writable()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; L{connectionLost} cleans up."""
+
+    # The send timeout: nginx's send_timeout measures the time between two
+    # successful writes.  Twisted resumes a producer only once its buffer
+    # is empty, so progress is the number of pending bytes going down.
+
+    def _watchSending(self) -> None:
+        seconds = self.sendTimeout or (CLOSE_BOUND if self.closing else 0)
+        if self._sendWatch is None and seconds:
+            self._lastPending = pendingBytes(self.transport)
+            self._sendWatch = self.clock.callLater(seconds, self._checkSending, seconds)
+
+    def _stopWatchingSending(self) -> None:
+        if self._sendWatch is not None:
+            self._sendWatch.cancel()
+            self._sendWatch = None
+
+    def _checkSending(self, seconds: float) -> None:
+        self._sendWatch = None
+        if not self.connected or not (self.writeBlocked or self.closing):
+            return
+        pending = pendingBytes(self.transport)
+        if pending and pending < self._lastPending:
+            self._lastPending = pending
+            self._sendWatch = self.clock.callLater(seconds, self._checkSending, seconds)
+            return
+        self.sendTimedOut = True
+        self.abort()
+
+    # Waiting for the peer to send: one timer per leg, for whatever the
+    # layer above waits on now.
+
+    def setDeadline(self, seconds: float, action: Callable[[], object]) -> None:
+        """Call C{action} in C{seconds} (0: never) unless another wait replaces this one."""
+        self.cancelTimer()
+        if seconds:
+            self._readTimer = self.clock.callLater(seconds, self._deadlinePassed, action)
+
+    def expectData(self, seconds: float, onStall: Callable[[], object], alsoWatching: Leg | None = None) -> None:
+        """
+        Call C{onStall} if C{seconds} pass without a byte read from this
+        leg (or from C{alsoWatching}); like nginx's read timeouts this is
+        the time between two reads, and a leg whose reading is paused by
+        flow control is not stalled.
+        """
+        self.cancelTimer()
+        self._moved = False
+        if alsoWatching is not None:
+            alsoWatching._moved = False
+        if seconds:
+            self._readTimer = self.clock.callLater(seconds, self._checkReading, seconds, onStall, alsoWatching)
+
+    def cancelTimer(self) -> None:
+        """Stop waiting."""
+        timer = self._readTimer
+        if timer is not None:
+            self._readTimer = None
+            timer.cancel()
+
+    def _deadlinePassed(self, action: Callable[[], object]) -> None:
+        self._readTimer = None
+        action()
+
+    def _checkReading(self, seconds: float, onStall: Callable[[], object], alsoWatching: Leg | None) -> None:
+        self._readTimer = None
+        moved = self._moved or (alsoWatching is not None and alsoWatching._moved)
+        if moved or self.gate.held:
+            self.expectData(seconds, onStall, alsoWatching)
+            return
+        onStall()
+
+    # Ending
+
+    def close(self) -> None:
+        """
+        Close once the pending writes are out; abort if they stop moving
+        for C{sendTimeout} seconds (or L{CLOSE_BOUND}).
+        """
+        if self.closing or not self.connected:
+            return
+        self._release()
+        transport = self.transport
+        transport.unregisterProducer()
+        transport.loseConnection()
+        self._watchSending()
+
+    def abort(self) -> None:
+        """Drop the connection now, whatever is pending."""
+        if not self.connected:
+            return
+        self._release()
+        self.transport.unregisterProducer()
+        self.transport.abortConnection()
+
+    def _release(self) -> None:
+        self.closing = True
+        self.cancelTimer()
+        self._stopWatchingSending()
+        self.feedFrom(None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._release()
+        self.connected = False
+        owner, self.owner = self.owner, Unowned
+        owner.connectionLost(reason)
