@@ -319,7 +319,7 @@ class RequestCycle:
         the rest of the body cannot be told from a next request.
         """
         self._responseDone = True
-        if not keepAlive or self.state is not State.DONE:
+        if not (keepAlive and self.keepAlive) or self.state is not State.DONE:
             self.keepAlive = False
             if self.state in (State.IDLE, State.SEND_BODY, State.DONE):
                 self.state = State.MUST_CLOSE

@@ -109,6 +109,7 @@ class Leg(Protocol):
     _readTimer: Any = None
     _sendWatch: Any = None
     _lastPending = 0
+    _registered = False
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
@@ -119,6 +120,7 @@ class Leg(Protocol):
         self.write = writerFor(transport)
         setNoDelay(transport)
         transport.registerProducer(self, True)
+        self._registered = True
 
     def dataReceived(self, data: bytes) -> None:
         self._moved = True
@@ -237,9 +239,7 @@ class Leg(Protocol):
         if self.closing or not self.connected:
             return
         self._release()
-        transport = self.transport
-        transport.unregisterProducer()
-        transport.loseConnection()
+        self.transport.loseConnection()
         self._watchSending()
 
     def abort(self) -> None:
@@ -247,14 +247,17 @@ class Leg(Protocol):
         if not self.connected:
             return
         self._release()
-        self.transport.unregisterProducer()
         self.transport.abortConnection()
 
     def _release(self) -> None:
+        """Let go of the peer, the timers and the producer registration."""
         self.closing = True
         self.cancelTimer()
         self._stopWatchingSending()
         self.feedFrom(None)
+        if self._registered:
+            self._registered = False
+            self.transport.unregisterProducer()
 
     def connectionLost(self, reason: Failure) -> None:
         self._release()

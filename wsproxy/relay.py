@@ -16,7 +16,7 @@ import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -187,7 +187,7 @@ class Exchange:
 
     def _connectFailed(self, failure: Failure) -> None:
         self._connecting = None
-        if failure.check(CancelledError):
+        if failure.check(CancelledError, ConnectingCancelledError):
             return
         if failure.check(NoUpstreamAvailable):
             log.error("{client} {method} {target}: {why}", why=failure.getErrorMessage(), **self._logFields())
