@@ -21,6 +21,7 @@ from wsproxy.http import (
     LengthDecoder,
     Limits,
     endToEnd,
+    errorResponse,
     findHeadEnd,
     parseRequestHead,
     parseResponseHead,
@@ -277,6 +278,28 @@ def test_an_absolute_form_target_with_userinfo_another_scheme_or_no_host_is_400(
     assert refusal(head(b"GET " + target + b" HTTP/1.1", b"Host: h")) == 400
 
 
+@pytest.mark.parametrize("host", [b"a.com,evil.com", b"a.com,", b",a.com", b"a.com:80,evil.com:80"])
+def test_a_comma_in_host_is_400(host):
+    """Two hosts folded into one value: a backend that splits it may pick the second."""
+    assert refusal(head(b"GET / HTTP/1.1", b"Host: " + host)) == 400
+
+
+@pytest.mark.parametrize("target", [b"http://a.com,evil.com/x", b"https://a.com:443,evil.com/"])
+def test_a_comma_in_an_absolute_form_authority_is_400(target):
+    assert refusal(head(b"GET " + target + b" HTTP/1.1", b"Host: a.com")) == 400
+
+
+def test_two_origin_fields_are_400():
+    """Which one would an upstream check, and which one would the proxy's C{allowed_origins}?"""
+    request = head(b"GET / HTTP/1.1", b"Host: h", b"Origin: https://a.example", b"Origin: https://b.example")
+    assert refusal(request) == 400
+
+
+def test_one_origin_field_is_accepted():
+    request = parseRequestHead(head(b"GET / HTTP/1.1", b"Host: h", b"Origin: https://a.example"))
+    assert request.first(b"origin") == b"https://a.example"
+
+
 # Connection, hop-by-hop headers and upgrades
 
 
@@ -311,7 +334,10 @@ def test_hop_by_hop_headers_are_not_end_to_end():
 
 
 def websocketHandshake(
-    version: bytes = b"HTTP/1.1", upgrade: bytes = b"websocket", key: bytes = b"dGhlIHNhbXBsZSBub25jZQ=="
+    version: bytes = b"HTTP/1.1",
+    upgrade: bytes = b"websocket",
+    key: bytes = b"dGhlIHNhbXBsZSBub25jZQ==",
+    wsVersions: tuple[bytes, ...] = (b"13",),
 ) -> bytes:
     return head(
         b"GET /ws " + version,
@@ -319,7 +345,7 @@ def websocketHandshake(
         b"Connection: Upgrade",
         b"Upgrade: " + upgrade,
         b"Sec-WebSocket-Key: " + key,
-        b"Sec-WebSocket-Version: 13",
+        *(b"Sec-WebSocket-Version: " + v for v in wsVersions),
     )
 
 
@@ -338,6 +364,35 @@ def test_an_http10_upgrade_is_ignored():
 @pytest.mark.parametrize("key", [b"short", b"!" * 24, b"dGhlIHNhbXBsZSBub25jZQ"])
 def test_a_websocket_upgrade_with_an_invalid_key_is_400(key):
     assert refusal(websocketHandshake(key=key)) == 400
+
+
+def test_a_websocket_upgrade_without_a_version_is_400():
+    assert refusal(websocketHandshake(wsVersions=())) == 400
+
+
+@pytest.mark.parametrize("versions", [(b"99",), (b"8",), (b"013",), (b"13, 8",), (b"13",) * 2, (b"",)])
+def test_a_websocket_version_other_than_13_is_426_naming_13(versions):
+    """RFC 6455 §4.4: the answer says which version the server speaks."""
+    with pytest.raises(HTTPError) as raised:
+        parseRequestHead(websocketHandshake(wsVersions=versions))
+    error = raised.value
+    assert (error.status, error.headers) == (426, ((b"Sec-WebSocket-Version", b"13"),))
+    response = errorResponse(error.status, error.message, [(b"X-Extra", b"1")], headers=error.headers)
+    assert response.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nSec-WebSocket-Version: 13\r\nX-Extra: 1\r\n" in response
+
+
+def test_a_version_header_without_an_upgrade_is_not_checked():
+    request = parseRequestHead(head(b"GET / HTTP/1.1", b"Host: h", b"Sec-WebSocket-Version: 99"))
+    assert request.upgrade is None
+
+
+def test_errors_and_error_responses_keep_their_old_signatures():
+    error = HTTPError(400, "bad")
+    assert (error.status, error.message, error.headers, str(error)) == (400, "bad", (), "400 bad")
+    assert errorResponse(400, "bad", [(b"X-A", b"1")], False, True) == (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 21\r\nX-A: 1\r\n\r\n"
+    )
 
 
 # Limits

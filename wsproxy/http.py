@@ -50,7 +50,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Headers the proxy sets or must keep; naming them in Connection removes nothing.
+#: Headers the proxy sets or must keep; naming them in Connection removes
+#: nothing.  The WebSocket handshake fields are here so that a
+#: C{Connection: Origin} cannot slip a cross-site upgrade past an upstream
+#: that checks C{Origin}, nor strip the handshake itself.
 PROTECTED = frozenset(
     {
         b"host",
@@ -58,6 +61,13 @@ PROTECTED = frozenset(
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"x-real-ip",
+        b"forwarded",
+        b"origin",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
     }
 )
 
@@ -94,12 +104,15 @@ class HTTPError(Exception):
     A message cannot be handled; C{status} is what the client is told.
 
     The message is short plain text meant for the person debugging the client.
+    C{headers} are fields the response must carry (a 426's
+    C{Sec-WebSocket-Version}), written before any configured ones.
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(status, message)
         self.status = status
         self.message = message
+        self.headers = headers
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
@@ -320,7 +333,10 @@ def parseRequestHead(
     @raise HTTPError: 400 for anything malformed or ambiguous, 414 for an
         over-long request line, 431 for too many or too large header
         fields, 501 for an unsupported transfer coding, 505 for an HTTP
-        version other than 1.0 and 1.1, 405 for CONNECT.
+        version other than 1.0 and 1.1, 405 for CONNECT, 426 (with a
+        C{Sec-WebSocket-Version: 13} header) for a WebSocket version
+        other than 13.  A comma in the host (C{a.com,evil.com}) and a
+        repeated C{Origin} are malformed.
     """
     if len(head) > limits.maxHeaderSize + limits.maxRequestLine:
         raise HTTPError(431, "request header section too large")
@@ -355,6 +371,14 @@ def parseRequestHead(
     host = hosts[0] if hosts else b""
     if host and not _HOST.fullmatch(host):
         raise HTTPError(400, "invalid Host header")
+    # A comma is a legal sub-delim in a reg-name, but "a.com,evil.com" is the
+    # shape of two Host values folded into one: a backend or cache that
+    # splits it picks a host of its own.
+    if b"," in host:
+        raise HTTPError(400, "a comma in the Host header")
+    origins = fields.get(b"origin")
+    if origins is not None and len(origins) > 1:
+        raise HTTPError(400, "more than one Origin header")
 
     if target[0:1] == b"/":
         path = target.partition(b"#")[0]
@@ -365,7 +389,7 @@ def parseRequestHead(
         if absolute is None or absolute.group(1).lower() not in (b"http", b"https"):
             raise HTTPError(400, "invalid request target")
         authority = absolute.group(2)
-        if not _HOST.fullmatch(authority) or b"@" in authority:
+        if not _HOST.fullmatch(authority) or b"@" in authority or b"," in authority:
             raise HTTPError(400, "invalid authority in the request target")
         host = authority
         path = absolute.group(3).partition(b"#")[0] or b"/"
@@ -414,8 +438,12 @@ def parseRequestHead(
                 raise HTTPError(400, "a WebSocket upgrade must use GET")
             if not _validKey(fields.get(b"sec-websocket-key", [None])[-1]) or len(fields[b"sec-websocket-key"]) != 1:
                 raise HTTPError(400, "invalid Sec-WebSocket-Key")
-            if b"sec-websocket-version" not in fields:
+            versions = fields.get(b"sec-websocket-version")
+            if versions is None:
                 raise HTTPError(400, "missing Sec-WebSocket-Version")
+            if versions != [b"13"]:
+                # RFC 6455 §4.4: say which version this side speaks.
+                raise HTTPError(426, "unsupported Sec-WebSocket-Version", headers=((b"Sec-WebSocket-Version", b"13"),))
         if upgrade is not None and (chunked or bodyLength):
             raise HTTPError(400, "an upgrade request with a body")
 
@@ -651,11 +679,13 @@ def errorResponse(
     extraHeaders: Iterable[tuple[bytes, bytes]] = (),
     close: bool = True,
     head: bool = False,
+    *,
+    headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """
     A complete response that the proxy itself sends: a status line, a short
-    plain-text body saying what happened, and C{extraHeaders}
-    (C{add_header}).
+    plain-text body saying what happened, C{headers} (the L{HTTPError}'s
+    own) and C{extraHeaders} (C{add_header}).
     """
     try:
         phrase = HTTPStatus(status).phrase.encode("ascii")
@@ -669,5 +699,6 @@ def errorResponse(
     ]
     if close:
         lines.append(b"Connection: close")
+    lines.extend(b"%b: %b" % pair for pair in headers)
     lines.extend(b"%b: %b" % pair for pair in extraHeaders)
     return CRLF.join(lines) + HEAD_END + (b"" if head else body)
