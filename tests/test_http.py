@@ -23,6 +23,7 @@ from wsproxy.http import (
     endToEnd,
     errorResponse,
     findHeadEnd,
+    forwardedRequestHeaders,
     parseRequestHead,
     parseResponseHead,
 )
@@ -393,6 +394,102 @@ def test_errors_and_error_responses_keep_their_old_signatures():
     assert errorResponse(400, "bad", [(b"X-A", b"1")], False, True) == (
         b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 21\r\nX-A: 1\r\n\r\n"
     )
+
+
+# Request headers sent upstream
+
+
+def forwarded(*fields: bytes, trustedClient: bool = False, underscores: bool = False) -> list[tuple[bytes, bytes]]:
+    """What L{forwardedRequestHeaders} sends on of a GET with C{fields} after its Host."""
+    request = parseRequestHead(head(b"GET / HTTP/1.1", b"Host: h", *fields))
+    return forwardedRequestHeaders(request, trustedClient=trustedClient, underscores=underscores)
+
+
+@pytest.mark.parametrize("name", [b"X_Forwarded_For", b"X-Forwarded_Proto", b"X_Forwarded_Host", b"x_real_ip"])
+def test_a_name_with_an_underscore_is_dropped_unless_underscores_are_allowed(name):
+    field = name + b": 1.2.3.4"
+    assert forwarded(field, b"Accept: */*") == [(b"Accept", b"*/*")]
+    assert forwarded(field, b"Accept: */*", trustedClient=True) == [(b"Accept", b"*/*")]
+    assert forwarded(field, b"Accept: */*", underscores=True) == [(name, b"1.2.3.4"), (b"Accept", b"*/*")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"Forwarded",
+        b"X-Forwarded-Port",
+        b"X-Forwarded-Prefix",
+        b"X-Client-IP",
+        b"True-Client-IP",
+        b"X-Original-URL",
+        b"X-Rewrite-URL",
+        b"x-original-url",
+    ],
+)
+def test_address_and_routing_claims_are_kept_from_a_trusted_client_only(name):
+    field = name + b": for=1.2.3.4"
+    assert forwarded(field, b"Accept: */*") == [(b"Accept", b"*/*")]
+    assert forwarded(field, b"Accept: */*", trustedClient=True) == [(name, b"for=1.2.3.4"), (b"Accept", b"*/*")]
+
+
+@pytest.mark.parametrize("trustedClient", [False, True])
+def test_proxy_authorization_is_never_forwarded(trustedClient):
+    fields = (b"Proxy-Authorization: Basic dTpw", b"Authorization: Bearer t")
+    assert forwarded(*fields, trustedClient=trustedClient, underscores=True) == [(b"Authorization", b"Bearer t")]
+
+
+@pytest.mark.parametrize("trustedClient", [False, True])
+def test_headers_the_proxy_writes_are_never_forwarded(trustedClient):
+    fields = (
+        b"X-Forwarded-For: 1.2.3.4",
+        b"X-Forwarded-Proto: https",
+        b"X-Forwarded-Host: evil",
+        b"X-Real-IP: 1.2.3.4",
+        b"Content-Length: 0",
+        b"Cookie: c=1",
+    )
+    assert forwarded(*fields, trustedClient=trustedClient, underscores=True) == [(b"Cookie", b"c=1")]
+
+
+def test_connection_cannot_strip_origin_or_the_websocket_handshake():
+    kept = (
+        b"Origin: https://site",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Protocol: chat",
+        b"Sec-WebSocket-Extensions: permessage-deflate",
+    )
+    names = b"Origin, Sec-WebSocket-Key, Sec-WebSocket-Version, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions"
+    result = forwarded(b"Connection: " + names, *kept)
+    assert result == [tuple(field.split(b": ", 1)) for field in kept]
+
+
+def test_connection_cannot_strip_forwarded_from_a_trusted_client():
+    assert forwarded(b"Connection: Forwarded", b"Forwarded: for=1.2.3.4", trustedClient=True) == [
+        (b"Forwarded", b"for=1.2.3.4")
+    ]
+
+
+def test_hop_by_hop_and_connection_named_headers_are_dropped_and_the_order_kept():
+    result = forwarded(
+        b"Accept: */*",
+        b"Keep-Alive: 5",
+        b"X-Secret: s",
+        b"Proxy-Connection: x",
+        b"Cookie: a=1",
+        b"TE: trailers",
+        b"Trailer: t",
+        b"Upgrade: h2c",
+        b"Connection: close, X-Secret, x-other",
+        b"X-Other: o",
+        b"User-Agent: ua",
+        b"Cookie: b=2",
+    )
+    assert result == [(b"Accept", b"*/*"), (b"Cookie", b"a=1"), (b"User-Agent", b"ua"), (b"Cookie", b"b=2")]
+
+
+def test_names_keep_their_case_and_values_their_bytes():
+    assert forwarded(b"x-CUSTOM: A\x01b", b"X-Custom: 2") == [(b"x-CUSTOM", b"A\x01b"), (b"X-Custom", b"2")]
 
 
 # Limits
