@@ -21,7 +21,9 @@ from wsproxy.http import (
     LengthDecoder,
     Limits,
     endToEnd,
+    errorResponse,
     findHeadEnd,
+    forwardedRequestHeaders,
     parseRequestHead,
     parseResponseHead,
 )
@@ -277,6 +279,28 @@ def test_an_absolute_form_target_with_userinfo_another_scheme_or_no_host_is_400(
     assert refusal(head(b"GET " + target + b" HTTP/1.1", b"Host: h")) == 400
 
 
+@pytest.mark.parametrize("host", [b"a.com,evil.com", b"a.com,", b",a.com", b"a.com:80,evil.com:80"])
+def test_a_comma_in_host_is_400(host):
+    """Two hosts folded into one value: a backend that splits it may pick the second."""
+    assert refusal(head(b"GET / HTTP/1.1", b"Host: " + host)) == 400
+
+
+@pytest.mark.parametrize("target", [b"http://a.com,evil.com/x", b"https://a.com:443,evil.com/"])
+def test_a_comma_in_an_absolute_form_authority_is_400(target):
+    assert refusal(head(b"GET " + target + b" HTTP/1.1", b"Host: a.com")) == 400
+
+
+def test_two_origin_fields_are_400():
+    """Which one would an upstream check, and which one would the proxy's C{allowed_origins}?"""
+    request = head(b"GET / HTTP/1.1", b"Host: h", b"Origin: https://a.example", b"Origin: https://b.example")
+    assert refusal(request) == 400
+
+
+def test_one_origin_field_is_accepted():
+    request = parseRequestHead(head(b"GET / HTTP/1.1", b"Host: h", b"Origin: https://a.example"))
+    assert request.first(b"origin") == b"https://a.example"
+
+
 # Connection, hop-by-hop headers and upgrades
 
 
@@ -311,7 +335,10 @@ def test_hop_by_hop_headers_are_not_end_to_end():
 
 
 def websocketHandshake(
-    version: bytes = b"HTTP/1.1", upgrade: bytes = b"websocket", key: bytes = b"dGhlIHNhbXBsZSBub25jZQ=="
+    version: bytes = b"HTTP/1.1",
+    upgrade: bytes = b"websocket",
+    key: bytes = b"dGhlIHNhbXBsZSBub25jZQ==",
+    wsVersions: tuple[bytes, ...] = (b"13",),
 ) -> bytes:
     return head(
         b"GET /ws " + version,
@@ -319,7 +346,7 @@ def websocketHandshake(
         b"Connection: Upgrade",
         b"Upgrade: " + upgrade,
         b"Sec-WebSocket-Key: " + key,
-        b"Sec-WebSocket-Version: 13",
+        *(b"Sec-WebSocket-Version: " + v for v in wsVersions),
     )
 
 
@@ -338,6 +365,131 @@ def test_an_http10_upgrade_is_ignored():
 @pytest.mark.parametrize("key", [b"short", b"!" * 24, b"dGhlIHNhbXBsZSBub25jZQ"])
 def test_a_websocket_upgrade_with_an_invalid_key_is_400(key):
     assert refusal(websocketHandshake(key=key)) == 400
+
+
+def test_a_websocket_upgrade_without_a_version_is_400():
+    assert refusal(websocketHandshake(wsVersions=())) == 400
+
+
+@pytest.mark.parametrize("versions", [(b"99",), (b"8",), (b"013",), (b"13, 8",), (b"13",) * 2, (b"",)])
+def test_a_websocket_version_other_than_13_is_426_naming_13(versions):
+    """RFC 6455 §4.4: the answer says which version the server speaks."""
+    with pytest.raises(HTTPError) as raised:
+        parseRequestHead(websocketHandshake(wsVersions=versions))
+    error = raised.value
+    assert (error.status, error.headers) == (426, ((b"Sec-WebSocket-Version", b"13"),))
+    response = errorResponse(error.status, error.message, [(b"X-Extra", b"1")], headers=error.headers)
+    assert response.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nSec-WebSocket-Version: 13\r\nX-Extra: 1\r\n" in response
+
+
+def test_a_version_header_without_an_upgrade_is_not_checked():
+    request = parseRequestHead(head(b"GET / HTTP/1.1", b"Host: h", b"Sec-WebSocket-Version: 99"))
+    assert request.upgrade is None
+
+
+def test_errors_and_error_responses_keep_their_old_signatures():
+    error = HTTPError(400, "bad")
+    assert (error.status, error.message, error.headers, str(error)) == (400, "bad", (), "400 bad")
+    assert errorResponse(400, "bad", [(b"X-A", b"1")], False, True) == (
+        b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 21\r\nX-A: 1\r\n\r\n"
+    )
+
+
+# Request headers sent upstream
+
+
+def forwarded(*fields: bytes, trustedClient: bool = False, underscores: bool = False) -> list[tuple[bytes, bytes]]:
+    """What L{forwardedRequestHeaders} sends on of a GET with C{fields} after its Host."""
+    request = parseRequestHead(head(b"GET / HTTP/1.1", b"Host: h", *fields))
+    return forwardedRequestHeaders(request, trustedClient=trustedClient, underscores=underscores)
+
+
+@pytest.mark.parametrize("name", [b"X_Forwarded_For", b"X-Forwarded_Proto", b"X_Forwarded_Host", b"x_real_ip"])
+def test_a_name_with_an_underscore_is_dropped_unless_underscores_are_allowed(name):
+    field = name + b": 1.2.3.4"
+    assert forwarded(field, b"Accept: */*") == [(b"Accept", b"*/*")]
+    assert forwarded(field, b"Accept: */*", trustedClient=True) == [(b"Accept", b"*/*")]
+    assert forwarded(field, b"Accept: */*", underscores=True) == [(name, b"1.2.3.4"), (b"Accept", b"*/*")]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"Forwarded",
+        b"X-Forwarded-Port",
+        b"X-Forwarded-Prefix",
+        b"X-Client-IP",
+        b"True-Client-IP",
+        b"X-Original-URL",
+        b"X-Rewrite-URL",
+        b"x-original-url",
+    ],
+)
+def test_address_and_routing_claims_are_kept_from_a_trusted_client_only(name):
+    field = name + b": for=1.2.3.4"
+    assert forwarded(field, b"Accept: */*") == [(b"Accept", b"*/*")]
+    assert forwarded(field, b"Accept: */*", trustedClient=True) == [(name, b"for=1.2.3.4"), (b"Accept", b"*/*")]
+
+
+@pytest.mark.parametrize("trustedClient", [False, True])
+def test_proxy_authorization_is_never_forwarded(trustedClient):
+    fields = (b"Proxy-Authorization: Basic dTpw", b"Authorization: Bearer t")
+    assert forwarded(*fields, trustedClient=trustedClient, underscores=True) == [(b"Authorization", b"Bearer t")]
+
+
+@pytest.mark.parametrize("trustedClient", [False, True])
+def test_headers_the_proxy_writes_are_never_forwarded(trustedClient):
+    fields = (
+        b"X-Forwarded-For: 1.2.3.4",
+        b"X-Forwarded-Proto: https",
+        b"X-Forwarded-Host: evil",
+        b"X-Real-IP: 1.2.3.4",
+        b"Content-Length: 0",
+        b"Cookie: c=1",
+    )
+    assert forwarded(*fields, trustedClient=trustedClient, underscores=True) == [(b"Cookie", b"c=1")]
+
+
+def test_connection_cannot_strip_origin_or_the_websocket_handshake():
+    kept = (
+        b"Origin: https://site",
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        b"Sec-WebSocket-Version: 13",
+        b"Sec-WebSocket-Protocol: chat",
+        b"Sec-WebSocket-Extensions: permessage-deflate",
+    )
+    names = b"Origin, Sec-WebSocket-Key, Sec-WebSocket-Version, Sec-WebSocket-Protocol, Sec-WebSocket-Extensions"
+    result = forwarded(b"Connection: " + names, *kept)
+    assert result == [tuple(field.split(b": ", 1)) for field in kept]
+
+
+def test_connection_cannot_strip_forwarded_from_a_trusted_client():
+    assert forwarded(b"Connection: Forwarded", b"Forwarded: for=1.2.3.4", trustedClient=True) == [
+        (b"Forwarded", b"for=1.2.3.4")
+    ]
+
+
+def test_hop_by_hop_and_connection_named_headers_are_dropped_and_the_order_kept():
+    result = forwarded(
+        b"Accept: */*",
+        b"Keep-Alive: 5",
+        b"X-Secret: s",
+        b"Proxy-Connection: x",
+        b"Cookie: a=1",
+        b"TE: trailers",
+        b"Trailer: t",
+        b"Upgrade: h2c",
+        b"Connection: close, X-Secret, x-other",
+        b"X-Other: o",
+        b"User-Agent: ua",
+        b"Cookie: b=2",
+    )
+    assert result == [(b"Accept", b"*/*"), (b"Cookie", b"a=1"), (b"User-Agent", b"ua"), (b"Cookie", b"b=2")]
+
+
+def test_names_keep_their_case_and_values_their_bytes():
+    assert forwarded(b"x-CUSTOM: A\x01b", b"X-Custom: 2") == [(b"x-CUSTOM", b"A\x01b"), (b"X-Custom", b"2")]
 
 
 # Limits

@@ -29,6 +29,7 @@ __all__ = [
     "ResponseHead",
     "errorResponse",
     "findHeadEnd",
+    "forwardedRequestHeaders",
     "parseRequestHead",
     "parseResponseHead",
     "websocketAccept",
@@ -50,7 +51,10 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-#: Headers the proxy sets or must keep; naming them in Connection removes nothing.
+#: Headers the proxy sets or must keep; naming them in Connection removes
+#: nothing.  The WebSocket handshake fields are here so that a
+#: C{Connection: Origin} cannot slip a cross-site upgrade past an upstream
+#: that checks C{Origin}, nor strip the handshake itself.
 PROTECTED = frozenset(
     {
         b"host",
@@ -58,8 +62,47 @@ PROTECTED = frozenset(
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-forwarded-host",
+        b"x-real-ip",
+        b"forwarded",
+        b"origin",
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-protocol",
+        b"sec-websocket-extensions",
     }
 )
+
+#: Request headers the proxy writes itself: the client's are never sent on.
+_REQUEST_WRITTEN = frozenset(
+    {
+        b"host",
+        b"content-length",
+        b"transfer-encoding",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+    }
+)
+#: Credentials meant for this proxy (RFC 9110 §11.7.4), never for the upstream.
+_FOR_THE_PROXY = frozenset({b"proxy-authorization"})
+#: Where a request came from or was addressed to, as some proxy in front
+#: claims it; only a trusted client (C{set_real_ip_from}) may say so, else
+#: an upstream could be told any address, port, prefix or URL.
+_CLIENT_ROUTING = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
+_UNDERSCORE = ord("_")
+_DROP_FROM_TRUSTED = HOP_BY_HOP | _REQUEST_WRITTEN | _FOR_THE_PROXY
+_DROP_FROM_UNTRUSTED = _DROP_FROM_TRUSTED | _CLIENT_ROUTING
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _TOKEN_RE = re.compile(_TOKEN)
@@ -94,12 +137,15 @@ class HTTPError(Exception):
     A message cannot be handled; C{status} is what the client is told.
 
     The message is short plain text meant for the person debugging the client.
+    C{headers} are fields the response must carry (a 426's
+    C{Sec-WebSocket-Version}), written before any configured ones.
     """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         super().__init__(status, message)
         self.status = status
         self.message = message
+        self.headers = headers
 
     def __str__(self) -> str:
         return f"{self.status} {self.message}"
@@ -320,7 +366,10 @@ def parseRequestHead(
     @raise HTTPError: 400 for anything malformed or ambiguous, 414 for an
         over-long request line, 431 for too many or too large header
         fields, 501 for an unsupported transfer coding, 505 for an HTTP
-        version other than 1.0 and 1.1, 405 for CONNECT.
+        version other than 1.0 and 1.1, 405 for CONNECT, 426 (with a
+        C{Sec-WebSocket-Version: 13} header) for a WebSocket version
+        other than 13.  A comma in the host (C{a.com,evil.com}) and a
+        repeated C{Origin} are malformed.
     """
     if len(head) > limits.maxHeaderSize + limits.maxRequestLine:
         raise HTTPError(431, "request header section too large")
@@ -355,6 +404,14 @@ def parseRequestHead(
     host = hosts[0] if hosts else b""
     if host and not _HOST.fullmatch(host):
         raise HTTPError(400, "invalid Host header")
+    # A comma is a legal sub-delim in a reg-name, but "a.com,evil.com" is the
+    # shape of two Host values folded into one: a backend or cache that
+    # splits it picks a host of its own.
+    if b"," in host:
+        raise HTTPError(400, "a comma in the Host header")
+    origins = fields.get(b"origin")
+    if origins is not None and len(origins) > 1:
+        raise HTTPError(400, "more than one Origin header")
 
     if target[0:1] == b"/":
         path = target.partition(b"#")[0]
@@ -365,7 +422,7 @@ def parseRequestHead(
         if absolute is None or absolute.group(1).lower() not in (b"http", b"https"):
             raise HTTPError(400, "invalid request target")
         authority = absolute.group(2)
-        if not _HOST.fullmatch(authority) or b"@" in authority:
+        if not _HOST.fullmatch(authority) or b"@" in authority or b"," in authority:
             raise HTTPError(400, "invalid authority in the request target")
         host = authority
         path = absolute.group(3).partition(b"#")[0] or b"/"
@@ -414,8 +471,12 @@ def parseRequestHead(
                 raise HTTPError(400, "a WebSocket upgrade must use GET")
             if not _validKey(fields.get(b"sec-websocket-key", [None])[-1]) or len(fields[b"sec-websocket-key"]) != 1:
                 raise HTTPError(400, "invalid Sec-WebSocket-Key")
-            if b"sec-websocket-version" not in fields:
+            versions = fields.get(b"sec-websocket-version")
+            if versions is None:
                 raise HTTPError(400, "missing Sec-WebSocket-Version")
+            if versions != [b"13"]:
+                # RFC 6455 §4.4: say which version this side speaks.
+                raise HTTPError(426, "unsupported Sec-WebSocket-Version", headers=((b"Sec-WebSocket-Version", b"13"),))
         if upgrade is not None and (chunked or bodyLength):
             raise HTTPError(400, "an upgrade request with a body")
 
@@ -507,6 +568,36 @@ def endToEnd(
         for name, value in headers
         if (lower := name.lower()) not in HOP_BY_HOP and lower not in named and lower not in drop
     ]
+
+
+def forwardedRequestHeaders(
+    request: RequestHead, *, trustedClient: bool, underscores: bool
+) -> list[tuple[bytes, bytes]]:
+    """
+    The client's header fields to send upstream, in the client's order.
+
+    Left out: hop-by-hop fields; those the request's C{Connection} names
+    (unless L{PROTECTED}); those the proxy writes itself (C{Host}, the
+    framing, C{X-Forwarded-For}/C{-Proto}/C{-Host}, C{X-Real-IP});
+    C{Proxy-Authorization}, which is meant for the proxy; and, unless
+    C{trustedClient} (a C{set_real_ip_from} address), the address and
+    routing claims a client could forge (C{Forwarded},
+    C{X-Forwarded-Port}, C{X-Forwarded-Prefix}, C{X-Client-IP},
+    C{True-Client-IP}, C{X-Original-URL}, C{X-Rewrite-URL}).
+
+    Unless C{underscores} (nginx C{underscores_in_headers on}), a name with
+    C{_} in it is left out too: CGI and WSGI servers turn C{-} and C{_}
+    alike into C{_}, so C{X_Forwarded_For} would pose as the
+    C{X-Forwarded-For} the proxy writes.
+    """
+    drop = _DROP_FROM_TRUSTED if trustedClient else _DROP_FROM_UNTRUSTED
+    named = request.connectionTokens - PROTECTED - drop
+    if named:
+        drop = drop | named
+    if underscores:
+        return [(name, value) for name, value in request.headers if name.lower() not in drop]
+    # An int is looked for with memchr; b"_" would go through the buffer protocol, ten times slower.
+    return [(name, value) for name, value in request.headers if _UNDERSCORE not in name and name.lower() not in drop]
 
 
 class BodyDecoder:
@@ -651,11 +742,13 @@ def errorResponse(
     extraHeaders: Iterable[tuple[bytes, bytes]] = (),
     close: bool = True,
     head: bool = False,
+    *,
+    headers: Iterable[tuple[bytes, bytes]] = (),
 ) -> bytes:
     """
     A complete response that the proxy itself sends: a status line, a short
-    plain-text body saying what happened, and C{extraHeaders}
-    (C{add_header}).
+    plain-text body saying what happened, C{headers} (the L{HTTPError}'s
+    own) and C{extraHeaders} (C{add_header}).
     """
     try:
         phrase = HTTPStatus(status).phrase.encode("ascii")
@@ -669,5 +762,6 @@ def errorResponse(
     ]
     if close:
         lines.append(b"Connection: close")
+    lines.extend(b"%b: %b" % pair for pair in headers)
     lines.extend(b"%b: %b" % pair for pair in extraHeaders)
     return CRLF.join(lines) + HEAD_END + (b"" if head else body)
