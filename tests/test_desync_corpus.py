@@ -177,7 +177,11 @@ def _expectedPath(case) -> bytes:
 
 
 def _endToEnd(case) -> list[tuple[bytes, bytes]]:
-    """The case's headers an upstream must receive, values OWS-trimmed and otherwise as sent."""
+    """
+    The case's headers an upstream must receive, values OWS-trimmed and
+    otherwise as sent; names with an underscore are dropped
+    (C{underscores_in_headers = false}, as nginx does by default).
+    """
     named = set()
     for name, value in case.headers:
         if name.lower() == "connection":
@@ -185,7 +189,7 @@ def _endToEnd(case) -> list[tuple[bytes, bytes]]:
     return [
         (_wire(name), _wire(value).strip(b" \t"))
         for name, value in case.headers
-        if (lower := _wire(name).lower()) not in PROXY_WRITTEN | HOP_BY_HOP and lower not in named
+        if (lower := _wire(name).lower()) not in PROXY_WRITTEN | HOP_BY_HOP and lower not in named and b"_" not in lower
     ]
 
 

@@ -12,16 +12,14 @@ must never send a browser somewhere an attacker chose.
 
 from __future__ import annotations
 
-import errno
-import os
 import re
-import stat
 from http import HTTPStatus
 from typing import Any
 
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .acme import readChallenge
 from .config import ServerBlock
 from .http import CRLF, HEAD_END, HTTPError, RequestHead, errorResponse
 from .interfaces import IExchange, IRequestLoop
@@ -44,8 +42,6 @@ _MAX_HOSTNAME = 253
 _VARIABLE = re.compile(
     r"\$(?:\{(host|request_uri|scheme|server_port|server_name)\}|(host|request_uri|scheme|server_port|server_name)\b)"
 )
-#: The characters of an ACME token (RFC 8555 §8.3: base64url, no padding).
-_TOKEN = re.compile(rb"[A-Za-z0-9_-]{1,256}")
 ACME_PREFIX = b"/.well-known/acme-challenge/"
 #: RFC 6797 §7.2: an HSTS header sent over plain HTTP must be ignored, and
 #: nginx's recipe only adds it to the TLS server; never send it here.
@@ -191,23 +187,6 @@ class RedirectAnswer:
 
     def clientLost(self) -> None:
         pass
-
-
-def readChallenge(root: str, token: bytes) -> bytes:  # TEMPORARY until wsproxy.acme lands
-    if not _TOKEN.fullmatch(token):
-        raise HTTPError(404, "no such challenge")
-    path = os.path.join(root, ".well-known", "acme-challenge", token.decode("ascii"))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        if e.errno not in (errno.ENOENT, errno.ELOOP, errno.EISDIR, errno.EACCES, errno.ENOTDIR):
-            log.error("cannot read challenge file {path}: {why}", path=path, why=e.strerror)
-        raise HTTPError(404, "no such challenge") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise HTTPError(404, "no such challenge")
-    with os.fdopen(fd, "rb") as f:
-        return f.read(65536)
 
 
 def _redirectHost(header: bytes) -> str:

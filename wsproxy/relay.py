@@ -35,6 +35,7 @@ from .http import (
     chunk,
     endToEnd,
     errorResponse,
+    forwardedRequestHeaders,
     parseResponseHead,
     websocketAccept,
 )
@@ -52,10 +53,6 @@ log = Logger()
 
 MAX_RESPONSE_HEAD = 65536
 
-#: Request headers the proxy writes itself.
-_REQUEST_DROP = frozenset(
-    {b"host", b"content-length", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip"}
-)
 #: Methods a request may be sent again for (RFC 9110 §9.2.2).
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _RESPONSE_DROP = frozenset({b"content-length"})
@@ -203,7 +200,12 @@ class Exchange:
         address = self.client.clientAddress.encode("ascii")
         trusted = self._fromTrustedProxy()
         lines = [b"%b %b HTTP/1.1" % (request.method, request.path), b"Host: " + host]
-        lines.extend(b"%b: %b" % pair for pair in endToEnd(request.headers, request.connectionTokens, _REQUEST_DROP))
+        lines.extend(
+            b"%b: %b" % pair
+            for pair in forwardedRequestHeaders(
+                request, trustedClient=trusted, underscores=settings.block.underscores_in_headers
+            )
+        )
         chain = request.fields.get(b"x-forwarded-for") if trusted else None
         lines.append(b"X-Forwarded-For: " + (b", ".join((*chain, address)) if chain else address))
         lines.append(b"X-Real-IP: " + ((request.first(b"x-real-ip") if trusted else None) or address))

@@ -256,7 +256,9 @@ class RequestLoop:
             message=error.message,
         )
         head = request is not None and request.method == b"HEAD"
-        self.leg.write(errorResponse(error.status, error.message, self.settings.extraHeaders, head=head))
+        self.leg.write(
+            errorResponse(error.status, error.message, self.settings.extraHeaders, head=head, headers=error.headers)
+        )
         self.leg.close()
 
     def _headTimedOut(self) -> None:
