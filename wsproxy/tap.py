@@ -75,19 +75,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     path = options["config"]
     try:
         config = loadConfig(path)
-        parent = getattr(options, "parent", None)
-        foreground = parent is None or bool(parent.get("nodaemon", True))
-        top = WsproxyService(foreground)
         if config.workers > 1:
-            from .workers import WorkerPool
+            from .workers import WorkerPool, stopWithStatus
 
-            pool = WorkerPool(path, config, reactor)
-            pool.setServiceParent(top)
-            OnHangup(reactor, lambda: pool.signalWorkers("HUP")).setServiceParent(top)
-            return top
-        service = makeProxyService(config, reactor)
+            service: Any = WorkerPool(config, reactor, onFatal=lambda: stopWithStatus(reactor, 1))
+        else:
+            service = makeProxyService(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"wsproxy: {e}") from None
+    parent = getattr(options, "parent", None)
+    foreground = parent is None or bool(parent.get("nodaemon", True))
+    top = WsproxyService(foreground)
     service.setServiceParent(top)
     OnHangup(reactor, lambda: reloadFrom(service, path)).setServiceParent(top)
     return top
