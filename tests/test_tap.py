@@ -162,3 +162,16 @@ def test_a_refused_bind_in_the_foreground_is_one_line_on_stderr_and_status_1(tmp
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("wsproxy: wsproxy.toml: server[0].listen: cannot listen on 'tcp:80': permission denied; ")
     assert "--uid/--gid" in line
+
+
+@pytest.mark.parametrize("missing", ["trustme", "kosoku"])
+def test_conformance_without_its_extra_says_what_to_install(tmp_path, missing):
+    script = (
+        f"import sys; sys.modules[{missing!r}] = None; from wsproxy.conformance import main; "
+        f"main(['--cases', '1.1.1', '--report-dir', {str(tmp_path)!r}])"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=ENVIRONMENT)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert missing in line and "pip install 'wsproxy[conformance]'" in line
+    assert not any(tmp_path.iterdir()), "nothing was run"
