@@ -33,6 +33,11 @@ setup(
             "hypothesis>=6",
             "pyyaml>=6",
         ],
+        # wsproxy-conformance: the Autobahn fuzzing client and a throwaway CA.
+        "conformance": [
+            "kosoku>=0.1",
+            "trustme>=1.1",
+        ],
     },
     entry_points={
         "console_scripts": ["wsproxy-conformance = wsproxy.conformance:main"],

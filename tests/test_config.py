@@ -5,6 +5,8 @@ one line naming the file, the key and the problem.
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from wsproxy.config import ConfigError, UpstreamAddress, loadConfig, parseUpstreamAddress
@@ -113,3 +115,13 @@ def test_a_configuration_needs_a_server(tmp_path):
     assert problem(tmp_path, '[upstream.app]\nservers = ["127.0.0.1:1"]\n') == (
         "server: at least one [[server]] block is required"
     )
+
+
+def test_a_configuration_survives_pickling(tmp_path):
+    """The parent of C{workers = N} sends its workers the configuration it checked, pickled."""
+    text = (
+        EXAMPLE
+        + 'add_header = { "X-A" = "1" }\n[[server]]\nlisten = "tcp:8081"\nreturn = "308 https://$host$request_uri"\n'
+    )
+    config = loadConfig(write(tmp_path, text))
+    assert pickle.loads(pickle.dumps(config)) == config

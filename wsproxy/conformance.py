@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_conformance -*-
+# -*- test-case-name: tests.test_conformance,tests.test_tap -*-
 """
 Autobahn TestSuite conformance through the proxy.
 
@@ -19,11 +19,16 @@ proxy and the TLS forwarder must stay free to serve it.  kosoku speaks only
 C{ws://}, so the TLS run goes through a L{TLSForwarder}: plain on a loopback
 port, TLS towards the proxy, trusting a certificate authority made at
 start-up.
+
+kosoku and trustme come with the C{conformance} extra (C{pip install
+'wsproxy[conformance]'}); they are imported only when needed, and the
+command says in one line what to install when one is missing.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shutil
@@ -37,7 +42,6 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any, TextIO
 
-import trustme
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ProcessExitedAlready
@@ -460,6 +464,8 @@ def _writeCertificate(directory: Path) -> tuple[Path, Path, bytes]:
 
     @return: the chain's path, the key's path, the CA certificate (PEM).
     """
+    import trustme
+
     authority = trustme.CA()
     issued = authority.issue_cert(TLS_NAME, LOOPBACK)
     chain, key = directory / "chain.pem", directory / "key.pem"
@@ -690,9 +696,35 @@ def _logWarnings(stream: TextIO) -> None:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
 
+#: How to get what the command needs.
+INSTALL_HINT = "pip install 'wsproxy[conformance]'"
+
+
+def missingModules(names: Iterable[str]) -> list[str]:
+    """Those of the modules C{names} that cannot be imported."""
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def main(argv: Iterable[str] | None = None) -> None:
-    """The C{wsproxy-conformance} console script."""
+    """
+    The C{wsproxy-conformance} console script.  Exits with status 2 and one
+    line naming the extra to install if kosoku or trustme is missing.
+    """
     options = parseArguments(list(sys.argv[1:] if argv is None else argv))
+    missing = missingModules(["trustme"] if options.serve is not None else ["kosoku", "trustme"])
+    if missing:
+        print(
+            f"wsproxy-conformance: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+            f"install them with: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
     _logWarnings(sys.stderr)
 
     async def run(reactor: Any) -> None:

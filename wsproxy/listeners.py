@@ -1,30 +1,186 @@
-# -*- test-case-name: tests.test_listeners -*-
+# -*- test-case-name: tests.test_listeners,tests.test_reload -*-
 """
 Listeners: one L{StreamServerEndpointService} per C{[[server]]} block, all
 under one L{ProxyService} that can reload its configuration and drains
 connections on shutdown.
+
+A reload is a transaction: L{ProxyService.reload} first builds everything
+the new configuration needs (upstream pools, TLS contexts, listener
+settings) aside, and only when all of it is built puts it in use, in one
+step that cannot fail.  Whatever goes wrong before that leaves the running
+configuration wholly as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import errno
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .config import Config, ServerBlock
+from .config import Config, ConfigError, ServerBlock
 from .redirect import RedirectFactory, RedirectSettings
 from .server import ListenerSettings, ProxyFactory
-from .tls import ServerTLS, upstreamTLSOptions
+from .tls import PreparedTLS, ServerTLS, TLSConfigError, prepareTLS, upstreamTLSOptions
 from .upstream import UpstreamPool
 
-__all__ = ["Listener", "ProxyService", "makeService"]
+__all__ = [
+    "Listener",
+    "PreparedConfig",
+    "ProxyService",
+    "StartupError",
+    "checkReload",
+    "describeListenFailure",
+    "makeService",
+    "parseListen",
+    "prepareConfig",
+]
 
 log = Logger()
+
+
+class StartupError(Exception):
+    """
+    A listener could not be bound.  C{str(error)} is one line:
+    C{"FILE: server[I].listen: cannot listen on ...: why"}.
+    """
+
+
+#: Said after "permission denied" on a port below 1024.
+PRIVILEGED_PORT_HINT = (
+    "ports below 1024 need privileges: start twistd as root with --uid/--gid "
+    "(it binds, then drops to that user), or grant CAP_NET_BIND_SERVICE "
+    "(setcap cap_net_bind_service=+ep on the Python interpreter)"
+)
+
+_ERRNO_WORDS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied",
+    errno.EADDRNOTAVAIL: "address not available (no such local address)",
+}
+
+
+def describeListenFailure(listen: str, error: BaseException) -> str:
+    """
+    Why binding C{listen} failed, in words for one line, with a hint when
+    a port below 1024 needs privileges.
+    """
+    cause: Any = error.socketError if isinstance(error, CannotListenError) else error
+    number = getattr(cause, "errno", None)
+    if number in _ERRNO_WORDS:
+        why = _ERRNO_WORDS[number]
+    elif isinstance(number, int):
+        why = os.strerror(number).lower()
+    else:
+        why = str(cause) or type(cause).__name__
+    port = getattr(error, "port", None)
+    if number in (errno.EACCES, errno.EPERM) and isinstance(port, int) and 0 < port < 1024:
+        why += f"; {PRIVILEGED_PORT_HINT}"
+    return f"cannot listen on {listen!r}: {why}"
+
+
+def parseListen(reactor: Any, source: str, index: int, listen: str) -> Any:
+    """
+    The server endpoint for C{server[index].listen}.
+
+    @raise ConfigError: if Twisted cannot parse it (an unknown endpoint
+        type, a port that is not a number, ...).
+    """
+    try:
+        return serverFromString(reactor, listen)
+    except Exception as e:
+        raise ConfigError(source, f"server[{index}].listen", f"{listen!r}: {e}") from None
+
+
+def _tlsError(source: str, index: int | None, error: TLSConfigError) -> ConfigError:
+    """A L{TLSConfigError} of C{server[index]} (or of an upstream) as a L{ConfigError}."""
+    key = error.key if index is None else f"server[{index}].{error.key}"
+    return ConfigError(source, key, error.problem)
+
+
+@dataclass(frozen=True)
+class PreparedConfig:
+    """
+    Everything a configuration needs before it can serve, built aside by
+    L{prepareConfig}: nothing in it is in use yet.
+
+    @ivar pools: one pool per C{[upstream.NAME]}; pools handed to
+        L{prepareConfig} in C{keep} are reused where their upstream did not
+        change.
+    @ivar tls: per C{[[server]]} block, its TLS contexts or C{None}.
+    """
+
+    config: Config
+    pools: Mapping[str, UpstreamPool]
+    tls: Sequence[PreparedTLS | None]
+
+
+def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool] | None = None) -> PreparedConfig:
+    """
+    Build the upstream pools and TLS contexts of C{config} and check every
+    C{listen} string, without binding or changing anything.
+
+    @param keep: pools in use; one whose upstream is unchanged is reused.
+
+    @raise ConfigError: naming the key of the first thing that fails.
+    """
+    pools: dict[str, UpstreamPool] = {}
+    for name, upstream in config.upstreams.items():
+        old = (keep or {}).get(name)
+        if old is not None and old.upstream == upstream:
+            pools[name] = old
+            continue
+        try:
+            pools[name] = UpstreamPool(upstream, reactor, upstreamTLSOptions(upstream))
+        except TLSConfigError as e:
+            raise _tlsError(config.source, None, e) from None
+    tls: list[PreparedTLS | None] = []
+    for index, block in enumerate(config.servers):
+        parseListen(reactor, config.source, index, block.listen)
+        try:
+            tls.append(prepareTLS(block) if block.isTLS else None)
+        except TLSConfigError as e:
+            raise _tlsError(config.source, index, e) from None
+    return PreparedConfig(config, pools, tls)
+
+
+def checkReload(running: Config, new: Config) -> None:
+    """
+    Whether C{new} can replace C{running} without a restart: the same
+    listeners (C{listen} strings, in order), each of the same kind (proxy
+    or redirect) and TLS-ness, the same number of workers.
+
+    @raise ConfigError: naming the key that needs a restart.
+    """
+    source = new.source
+    old = [block.listen for block in running.servers]
+    if [block.listen for block in new.servers] != old:
+        if len(new.servers) != len(old):
+            key = "server"
+        else:
+            index = next(i for i, block in enumerate(new.servers) if block.listen != old[i])
+            key = f"server[{index}].listen"
+        raise ConfigError(source, key, "the listen addresses changed; restart wsproxy to change listeners")
+    for index, (was, block) in enumerate(zip(running.servers, new.servers, strict=True)):
+        if was.isRedirect != block.isRedirect:
+            if block.isRedirect:
+                key, change = "return", "a proxy listener cannot become a redirect listener"
+            else:
+                key, change = "proxy_pass", "a redirect listener cannot become a proxy listener"
+            raise ConfigError(source, f"server[{index}].{key}", f"{change} on reload; restart wsproxy")
+        if was.isTLS != block.isTLS:
+            change = "a plain listener cannot become a TLS one" if block.isTLS else "a TLS listener cannot drop TLS"
+            raise ConfigError(source, f"server[{index}].ssl_certificate", f"{change} on reload; restart wsproxy")
+    if new.workers != running.workers:
+        raise ConfigError(source, "workers", "changing the number of workers needs a restart")
 
 
 class Listener(StreamServerEndpointService):
@@ -39,12 +195,25 @@ class Listener(StreamServerEndpointService):
         self.block = block
         self.proxyFactory = factory
         self.tls = tls
+        #: What a bind failure names first: C{"FILE: server[I].listen"}.
+        self.where = "listen"
         if endpoint is None:
             endpoint = serverFromString(reactor, block.listen)
         if tls is not None:
             factory = tls.wrapFactory(factory)
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        """
+        Bind (twistd calls this before it drops privileges).
+
+        @raise StartupError: one line naming the listener and why.
+        """
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            raise StartupError(f"{self.where}: {describeListenFailure(self.block.listen, e)}") from None
 
     def listeningPort(self) -> Deferred:
         """
@@ -78,6 +247,9 @@ class ProxyService(MultiService):
         @param endpoints: one server endpoint per C{[[server]]} block, to use
             instead of parsing their C{listen} (a worker process adopting
             sockets its parent bound).
+
+        @raise ConfigError: if a C{listen} string does not parse, or a TLS
+            certificate, key or setting does not load (naming its key).
         """
         super().__init__()
         if reactor is None:
@@ -85,60 +257,64 @@ class ProxyService(MultiService):
 
             reactor = globalReactor
         self.reactor = reactor
+        prepared = prepareConfig(config, reactor)
         self.config = config
-        self.pools: dict[str, UpstreamPool] = {}
+        self.pools: dict[str, UpstreamPool] = dict(prepared.pools)
         self.listeners: list[Listener] = []
-        self.pools = self._makePools(config)
         for index, block in enumerate(config.servers):
-            listener = self._makeListener(block, endpoints[index] if endpoints else None)
+            endpoint = endpoints[index] if endpoints else parseListen(reactor, config.source, index, block.listen)
+            tlsPrepared = prepared.tls[index]
+            tls = ServerTLS(block, reactor, tlsPrepared) if tlsPrepared is not None else None
+            settings = self._settingsFor(block, self.pools, tls is not None)
+            factory = RedirectFactory(settings, reactor) if block.isRedirect else ProxyFactory(settings)
+            listener = Listener(block, factory, reactor, tls, endpoint)
+            listener.where = f"{config.source}: server[{index}].listen"
             listener.setName(f"server[{index}] {block.listen}")
             listener.setServiceParent(self)
             self.listeners.append(listener)
 
-    def _makePools(self, config: Config) -> dict[str, UpstreamPool]:
-        return {
-            name: UpstreamPool(upstream, self.reactor, upstreamTLSOptions(upstream))
-            for name, upstream in config.upstreams.items()
-        }
-
-    def _settingsFor(self, block: ServerBlock, tls: ServerTLS | None) -> Any:
+    def _settingsFor(self, block: ServerBlock, pools: Mapping[str, UpstreamPool], secure: bool) -> Any:
         if block.isRedirect:
             return RedirectSettings(block)
-        return ListenerSettings(block, self.pools[block.upstream], self.reactor, secure=tls is not None)
-
-    def _makeListener(self, block: ServerBlock, endpoint: Any = None) -> Listener:
-        tls = ServerTLS(block, self.reactor) if block.isTLS else None
-        settings = self._settingsFor(block, tls)
-        factory = RedirectFactory(settings, self.reactor) if block.isRedirect else ProxyFactory(settings)
-        return Listener(block, factory, self.reactor, tls, endpoint)
+        assert block.upstream is not None
+        return ListenerSettings(block, pools[block.upstream], self.reactor, secure=secure)
 
     def reload(self, config: Config) -> None:
         """
-        Apply a new configuration to new requests: upstream pools, limits
-        and headers change; connections and tunnels already open keep
-        running.  Listeners are matched by their C{listen} string; adding or
-        removing a listener needs a restart.
+        Apply a new configuration to new requests: upstream pools, limits,
+        headers and certificates change; connections and tunnels already
+        open keep running.
 
-        @raise ValueError: if the set of listeners differs.
+        Everything is built first, then swapped in one step: if anything
+        fails, nothing changes.  Listeners are matched by their C{listen}
+        string; adding or removing one, turning a redirect listener into a
+        proxy listener (or back), or adding or dropping TLS needs a
+        restart.  A pool whose upstream changed is retired: its idle
+        connections are closed, and the exchanges still using it keep it
+        until they end.
+
+        @raise ConfigError: one line naming the key, if C{config} cannot be
+            applied; the running configuration then stays wholly in force.
         """
-        if [b.listen for b in config.servers] != [listener.block.listen for listener in self.listeners]:
-            raise ValueError("the listen addresses changed; restart wsproxy to change listeners")
-        for listener, block in zip(self.listeners, config.servers, strict=True):
-            if listener.tls is not None and not listener.tls.reconfigure(block):
-                raise ValueError(f"{block.listen}: the TLS settings did not load (see the log)")
-        pools = self._makePools(config)
-        for name, pool in pools.items():
-            old = self.pools.get(name)
-            if old is not None and old.upstream == pool.upstream:
-                pools[name] = old
-        for name, old in self.pools.items():
-            if pools.get(name) is not old:
-                old.closeIdle()
-        self.pools = pools
-        for listener, block in zip(self.listeners, config.servers, strict=True):
+        checkReload(self.config, config)
+        prepared = prepareConfig(config, self.reactor, keep=self.pools)
+        settings = [
+            self._settingsFor(block, prepared.pools, listener.tls is not None)
+            for listener, block in zip(self.listeners, config.servers, strict=True)
+        ]
+        # Nothing below can fail.
+        for listener, block, tls, listenerSettings in zip(
+            self.listeners, config.servers, prepared.tls, settings, strict=True
+        ):
+            if listener.tls is not None and tls is not None:
+                listener.tls.install(tls)
             listener.block = block
-            listener.proxyFactory.settings = self._settingsFor(block, listener.tls)
+            listener.proxyFactory.settings = listenerSettings
+        retired = [pool for pool in self.pools.values() if pool not in prepared.pools.values()]
+        self.pools = dict(prepared.pools)
         self.config = config
+        for pool in retired:
+            pool.retire()
         log.info("configuration reloaded from {source}", source=config.source)
 
     def stopService(self) -> Deferred:
@@ -182,5 +358,7 @@ def makeService(config: Config, reactor: Any = None) -> ProxyService:
     """
     The proxy as a Twisted service, ready to be started or added to an
     application next to other services.
+
+    @raise ConfigError: see L{ProxyService}.
     """
     return ProxyService(config, reactor)

@@ -1,16 +1,23 @@
-# -*- test-case-name: tests.test_tap -*-
+# -*- test-case-name: tests.test_tap,tests.test_reload -*-
 """
 C{twistd wsproxy}: command-line options and the service they make.
 
-A configuration that does not load stops C{twistd} before anything is
-bound, with one line naming the file, the key and the problem.  SIGHUP
-reloads the file (and the certificates); a file that does not load then is
-logged and the running configuration stays in force.
+Every startup failure is one line on standard error and exit status 1, no
+traceback: a configuration that does not load (including its TLS
+certificates and C{listen} strings) stops C{twistd} before anything is
+bound, naming the file, the key and the problem; a listener that cannot be
+bound (address in use, permission denied) names the file, the listener and
+the address.
+
+SIGHUP reloads the file (and the certificates) as one transaction: a file
+that does not load, or that cannot be applied without a restart, is logged
+in one line and the running configuration stays wholly in force.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,12 +25,11 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from .config import ConfigError, loadConfig
-from .listeners import ProxyService
+from .config import Config, ConfigError, loadConfig
+from .listeners import StartupError
 from .listeners import makeService as makeProxyService
-from .tls import TLSConfigError
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "WsproxyService", "makeService", "reloadFrom"]
 
 log = Logger()
 
@@ -52,7 +58,12 @@ class Options(usage.Options):
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    """The service C{twistd} runs for these options."""
+    """
+    The service C{twistd} runs for these options: a L{WsproxyService}
+    holding the proxy (or the worker pool) and the SIGHUP handler.
+
+    @raise SystemExit: with one line, if the configuration does not load.
+    """
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
@@ -62,33 +73,85 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         return makeDemoService(options["demo-port"], reactor)
     path = options["config"]
-    top = MultiService()
     try:
         config = loadConfig(path)
         if config.workers > 1:
-            from .workers import WorkerPool
+            from .workers import WorkerPool, stopWithStatus
 
-            pool = WorkerPool(path, config, reactor)
-            pool.setServiceParent(top)
-            OnHangup(reactor, lambda: pool.signalWorkers("HUP")).setServiceParent(top)
-            return top
-        service = makeProxyService(config, reactor)
-    except (ConfigError, TLSConfigError) as e:
-        raise SystemExit(f"wsproxy: {e}" if isinstance(e, ConfigError) else f"wsproxy: {path}: {e}") from None
+            service: Any = WorkerPool(config, reactor, onFatal=lambda: stopWithStatus(reactor, 1))
+        else:
+            service = makeProxyService(config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"wsproxy: {e}") from None
+    parent = getattr(options, "parent", None)
+    foreground = parent is None or bool(parent.get("nodaemon", True))
+    top = WsproxyService(foreground)
     service.setServiceParent(top)
     OnHangup(reactor, lambda: reloadFrom(service, path)).setServiceParent(top)
     return top
 
 
-def reloadFrom(proxy: ProxyService, path: str) -> bool:
+class WsproxyService(MultiService):
     """
-    Load the file at C{path} again and apply it to C{proxy}; keep the
-    running configuration if it does not load.
+    What C{twistd wsproxy} runs.  A listener that cannot be bound ends
+    C{twistd} with one line on standard error and status 1.
+
+    C{twistd} binds in L{privilegedStartService} (before C{--uid}/C{--gid}
+    take effect), C{twist} in L{startService}; either way the error leaves
+    C{twistd}'s C{postApplication} before the reactor runs.  In the
+    foreground (C{-n}, C{twist}) the line is written to the original
+    standard error and the process exits with status 1 (L{SystemExit});
+    daemonized, standard error is gone already, so the line is logged and
+    the error re-raised for C{twistd}'s own start-up report (its parent
+    process prints it and exits with status 1).
+
+    @ivar foreground: whether C{twistd} runs in the foreground.
+    """
+
+    def __init__(self, foreground: bool = True) -> None:
+        super().__init__()
+        self.foreground = foreground
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            self._failed(e)
+
+    def startService(self) -> None:
+        try:
+            super().startService()
+        except StartupError as e:
+            self._failed(e)
+
+    def _failed(self, error: StartupError) -> None:
+        line = f"wsproxy: {error}"
+        if not self.foreground:
+            log.critical("{line}", line=line)
+            raise StartupError(line) from None
+        stream = sys.__stderr__ or sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
+        raise SystemExit(1)
+
+
+def reloadFrom(service: Any, path: str) -> bool:
+    """
+    Load the file at C{path} again and apply it to C{service} (a
+    L{ProxyService}, or the L{WorkerPool} that sends it to its workers);
+    keep the running configuration if it does not load or cannot be
+    applied, and log why in one line.
+
+    @return: whether the new configuration is in force.
     """
     try:
-        proxy.reload(loadConfig(path))
-    except (ConfigError, TLSConfigError, ValueError) as e:
+        config: Config = loadConfig(path)
+        service.reload(config)
+    except ConfigError as e:
         log.error("reload rejected, the running configuration stays: {why}", why=e)
+        return False
+    except Exception:
+        log.failure("reload rejected, the running configuration stays: unexpected error")
         return False
     return True
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls -*-
+# -*- test-case-name: tests.test_tls,tests.test_reload -*-
 """
 TLS: the server context of a TLS listener (certificates, protocol
 versions, ciphers, session cache, ALPN, SNI), reloaded when the
@@ -11,6 +11,12 @@ each new connection gets the I{current} context, so swapping the context
 renews the certificate for new handshakes while established connections
 and tunnels keep theirs.
 
+Building contexts is split in two, so that a reload can build every
+listener's contexts before it changes any: L{prepareTLS} loads the files
+and builds the contexts of one C{[[server]]} block (it raises
+L{TLSConfigError} and changes nothing), L{ServerTLS.install} puts prepared
+contexts in use.
+
 L{ServerTLS.wrapFactory} puts a listener's factory behind TLS with two
 things L{TLSMemoryBIOFactory} does not do on its own: a deadline for the
 handshake (C{ssl_handshake_timeout}), and watching the certificate files
@@ -22,7 +28,8 @@ certificate renewal without having to remember to ask for it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from OpenSSL import SSL
@@ -39,11 +46,13 @@ from .config import ServerBlock, Upstream, UpstreamAddress
 
 __all__ = [
     "DEFAULT_CIPHERS",
+    "PreparedTLS",
     "ServerTLS",
     "ServerTLSFactory",
     "TLSConfigError",
     "buildContext",
     "describeTLSFailure",
+    "prepareTLS",
     "upstreamTLSOptions",
 ]
 
@@ -83,7 +92,22 @@ WATCH_INTERVAL = 2.0
 
 
 class TLSConfigError(ValueError):
-    """A TLS setting that OpenSSL refuses; the message names the key."""
+    """
+    A TLS setting that OpenSSL refuses; the message is C{"KEY: problem"},
+    KEY relative to the C{[[server]]} block (C{ssl_certificate_key},
+    C{ssl_certificates[1].certificate}) or, for an upstream, absolute.
+    """
+
+    @property
+    def key(self) -> str:
+        """The configuration key the message names."""
+        return str(self).partition(": ")[0]
+
+    @property
+    def problem(self) -> str:
+        """The message without the key."""
+        key, separator, problem = str(self).partition(": ")
+        return problem if separator else key
 
 
 def _load(context: SSL.Context, certificate: str, key: str, certificateKey: str, keyKey: str) -> None:
@@ -178,24 +202,72 @@ def _selectHTTP11(connection: SSL.Connection, offered: list[bytes]) -> bytes:
     return b"http/1.1" if b"http/1.1" in offered else SSL.NO_OVERLAPPING_PROTOCOLS
 
 
+@dataclass(frozen=True)
+class PreparedTLS:
+    """
+    The contexts of one TLS listener, built by L{prepareTLS} and not yet in
+    use: L{ServerTLS.install} puts them in use.
+
+    @ivar stamps: what the certificate files looked like when they were read
+        (see L{_stamp}), to notice the next change.
+    """
+
+    block: ServerBlock
+    default: SSL.Context
+    contexts: Mapping[str, SSL.Context]
+    stamps: Mapping[str, tuple[int, ...]]
+
+
+def _files(block: ServerBlock) -> list[str]:
+    files = [block.ssl_certificate, block.ssl_certificate_key]
+    for _, certificate, key in block.ssl_certificates:
+        files += [certificate, key]
+    return [path for path in files if path is not None]
+
+
+def prepareTLS(block: ServerBlock) -> PreparedTLS:
+    """
+    Read the certificate files of C{block} and build its contexts (the
+    default one and one per SNI name), without putting them in use.
+
+    @raise TLSConfigError: naming the key of the first thing that fails.
+    """
+    stamps = {path: _stamp(path) for path in _files(block)}
+    if block.ssl_certificate is None or block.ssl_certificate_key is None:
+        raise TLSConfigError("ssl_certificate: a TLS listener needs ssl_certificate and ssl_certificate_key")
+    default = buildContext(block, block.ssl_certificate, block.ssl_certificate_key)
+    contexts = {
+        name: buildContext(block, cert, key, f"ssl_certificates[{i}].certificate", f"ssl_certificates[{i}].key")
+        for i, (name, cert, key) in enumerate(block.ssl_certificates)
+    }
+    return PreparedTLS(block, default, contexts, stamps)
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
     """
     The TLS side of one listener: a context per certificate (the default
     one and one per SNI name), swapped in place when the files change or
-    on L{reload}.
+    on L{reconfigure}/L{install}.
 
     @ivar block: the configuration the current contexts were built from.
     """
 
-    def __init__(self, block: ServerBlock, reactor: Any) -> None:
+    #: Build the contexts of a block aside (see L{prepareTLS}).
+    prepare = staticmethod(prepareTLS)
+
+    def __init__(self, block: ServerBlock, reactor: Any, prepared: PreparedTLS | None = None) -> None:
+        """
+        @param prepared: the contexts for C{block}, if they were built
+            already; else they are built here (which may raise
+            L{TLSConfigError}).
+        """
         self.reactor = reactor
-        self.block = block
-        self._contexts: dict[str, SSL.Context] = {}
+        self.block: ServerBlock = None  # type: ignore[assignment]
+        self._contexts: Mapping[str, SSL.Context] = {}
         self._default: SSL.Context = None  # type: ignore[assignment]
-        self._stamps: dict[str, tuple[int, ...]] = {}
-        self._build(block)
-        self._warnLegacy(block)
+        self._stamps: Mapping[str, tuple[int, ...]] = {}
+        self.install(prepared if prepared is not None else prepareTLS(block))
         self._watcher = LoopingCall(self.reloadIfChanged)
         self._watcher.clock = reactor
 
@@ -210,25 +282,21 @@ class ServerTLS:
                 legacy=", ".join(legacy),
             )
 
-    @staticmethod
-    def _files(block: ServerBlock) -> list[str]:
-        files = [block.ssl_certificate, block.ssl_certificate_key]
-        for _, certificate, key in block.ssl_certificates:
-            files += [certificate, key]
-        return [path for path in files if path is not None]
-
-    def _build(self, block: ServerBlock) -> None:
-        """Build every context for C{block}; replace the current ones only if all load."""
-        stamps = {path: _stamp(path) for path in self._files(block)}
-        assert block.ssl_certificate is not None and block.ssl_certificate_key is not None
-        default = buildContext(block, block.ssl_certificate, block.ssl_certificate_key)
-        contexts = {
-            name: buildContext(block, cert, key, f"ssl_certificates[{i}].certificate", f"ssl_certificates[{i}].key")
-            for i, (name, cert, key) in enumerate(block.ssl_certificates)
-        }
-        for context in [default, *contexts.values()]:
+    def install(self, prepared: PreparedTLS) -> None:
+        """
+        Use C{prepared} for new handshakes from now on; connections already
+        established keep the context they started with.  Cannot fail.
+        """
+        for context in [prepared.default, *prepared.contexts.values()]:
             context.set_tlsext_servername_callback(self._pickBySNI)
-        self._default, self._contexts, self._stamps, self.block = default, contexts, stamps, block
+        if self.block is None or self.block.ssl_protocols != prepared.block.ssl_protocols:
+            self._warnLegacy(prepared.block)
+        self._default, self._contexts, self._stamps, self.block = (
+            prepared.default,
+            prepared.contexts,
+            prepared.stamps,
+            prepared.block,
+        )
 
     def _pickBySNI(self, connection: SSL.Connection) -> None:
         """
@@ -303,13 +371,14 @@ class ServerTLS:
         @return: whether the new contexts are in use.
         """
         try:
-            self._build(block)
+            prepared = prepareTLS(block)
         except TLSConfigError as e:
             # Remember what failed, so that a broken renewal is reported once
             # and not every WATCH_INTERVAL; the next change is tried again.
-            self._stamps = {path: _stamp(path) for path in self._files(block)}
+            self._stamps = {path: _stamp(path) for path in _files(block)}
             log.error("TLS reload for {listen} failed, keeping the old certificate: {why}", listen=block.listen, why=e)
             return False
+        self.install(prepared)
         log.info("TLS certificates for {listen} loaded", listen=block.listen)
         return True
 
