@@ -485,6 +485,9 @@ async def test_upstream_that_stops_reading_is_dropped_after_proxy_send_timeout(l
     assert received is not None, "the proxy must give up on an upstream that does not read"
     assert received == b"" or received.startswith(b"HTTP/1.1 504 "), received[:200]
     await listener.settled(timeout=1)
+    # A connection that does not read cannot see its peer go: let it look.
+    for connection in upstream.connections:
+        connection.transport.resumeProducing()
     await listener.upstreamClosed(upstream, timeout=1)
 
 

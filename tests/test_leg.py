@@ -240,3 +240,14 @@ def test_abort_unregisters_first():
     leg, _ = connected()
     leg.abort()
     assert leg.transport.aborted and leg.transport.producer is None
+
+
+def test_a_closing_leg_reads_again_and_drops_what_comes():
+    """A TLS close needs the peer's close_notify read; nothing read goes up any more."""
+    leg, _ = connected()
+    leg.gate.hold("buffer")
+    leg.gate.hold("peer")
+    leg.close()
+    assert not leg.gate.held and leg.transport.producerState == "producing"
+    leg.dataReceived(b"late")
+    assert leg.owner.data == []

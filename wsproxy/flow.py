@@ -57,6 +57,12 @@ class ReadGate:
             if not self._holds:
                 self._transport.resumeProducing()
 
+    def open(self) -> None:
+        """Resume reading, whatever held the gate."""
+        if self._holds:
+            self._holds.clear()
+            self._transport.resumeProducing()
+
     def pauseProducing(self) -> None:
         self.hold("peer")
 

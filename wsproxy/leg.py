@@ -124,7 +124,8 @@ class Leg(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._moved = True
-        self.owner.dataReceived(data)
+        if not self.closing:
+            self.owner.dataReceived(data)
 
     # Flow control: the transport pauses and resumes its producer (this
     # leg) as its write buffer fills and drains.
@@ -240,6 +241,10 @@ class Leg(Protocol):
             return
         self._release()
         self.transport.loseConnection()
+        # Read (and drop) what still comes: a TLS close waits for the peer's
+        # close_notify, and a peer that is still sending should not see a
+        # reset before it has read the answer.
+        self.gate.open()
         self._watchSending()
 
     def abort(self) -> None:
