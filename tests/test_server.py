@@ -774,6 +774,18 @@ def test_no_upstream_reachable_is_502():
     assert not client.closed
 
 
+def test_a_post_whose_upstream_cannot_be_reached_is_502_and_closes_since_its_body_was_not_read():
+    proxy = Proxy()
+    client = proxy.client()
+    client.send(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nab")
+    proxy.refuseUpstream()
+    response = client.received()
+    assert status(response) == 502
+    assert b"Connection: close" in headLines(response)
+    assert client.closed
+    assert client.leg.loop.cycle.state is State.MUST_CLOSE
+
+
 def test_an_upstream_that_closes_a_fresh_connection_without_answering_is_502():
     proxy = Proxy()
     client = proxy.client()

@@ -240,11 +240,10 @@ class Leg(Protocol):
         if self.closing or not self.connected:
             return
         self._release()
-        self.transport.loseConnection()
         # Read (and drop) what still comes: a TLS close waits for the peer's
-        # close_notify, and a peer that is still sending should not see a
-        # reset before it has read the answer.
+        # close_notify, which a paused transport would never read.
         self.gate.open()
+        self.transport.loseConnection()
         self._watchSending()
 
     def abort(self) -> None:
