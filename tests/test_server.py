@@ -522,6 +522,23 @@ def test_an_early_response_says_connection_close_and_closes_after_it():
     assert not proxy.pool.servers[0].idle, "an upstream whose request was cut is not reused"
 
 
+def test_after_an_early_response_the_rest_of_the_body_is_read_and_dropped():
+    proxy = Proxy()
+    client = proxy.client()
+    client.send(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+    upstream = proxy.acceptUpstream()
+    upstream.take()
+    upstream.leg.pauseProducing()
+    assert client.transport.producerState == "paused", "the deaf upstream holds the client"
+    upstream.send(b"HTTP/1.1 413 Too Big\r\nContent-Length: 2\r\n\r\nno")
+    assert client.closed
+    assert client.transport.producerState == "producing", "a closing leg reads until the peer has closed"
+    response = client.take()
+    client.send(b"defg")
+    assert client.take() == b"" and upstream.take() == b""
+    assert status(response) == 413
+
+
 # 10. Pipelining
 
 
