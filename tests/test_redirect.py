@@ -15,10 +15,14 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support import connectRaw, exchange, sleep, startProxy
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 
 from wsproxy import parseConfig
 from wsproxy.config import ConfigError
+from wsproxy.redirect import RedirectFactory, RedirectSettings
+from wsproxy.server import PIPELINE_BUFFER
 
 TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
 UPSTREAMS = {"app": {"servers": ["127.0.0.1:9"]}}
@@ -380,3 +384,34 @@ async def test_a_client_that_does_not_read_its_answers_is_paused(cleanup):
     received = await client.waitFor(lambda r: r.count(b"HTTP/1.1 308 ") == 60000, timeout=30)
     assert received.count(b"HTTP/1.1 308 ") == 60000
     client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_raw_non_ascii_target_is_redirected_percent_encoded(cleanup):
+    port = await redirector(cleanup)
+    response = await exchange(port, request(b"/caf\xc3\xa9?q=\xff"))
+    assert response.startswith(b"HTTP/1.1 308 ")
+    assert headers(response)[b"location"] == b"https://example.com:8443/caf%C3%A9?q=%FF"
+
+
+def test_one_answer_at_a_time_while_the_client_does_not_read():
+    """
+    Pipelined requests from a client that does not read its answers are
+    not all answered at once: answering stops while the write buffer is
+    full, and reading stops once the unanswered requests pass the bound.
+    """
+    config = parseConfig({"server": [{"listen": "tcp:0", "return": "308 https://$host$request_uri"}]}, "(test)")
+    factory = RedirectFactory(RedirectSettings(config.servers[0]), MemoryReactorClock())
+    leg = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+    transport = StringTransport()
+    leg.makeConnection(transport)
+    one = request(b"/n", extra=b"")
+    leg.dataReceived(one * 3)
+    assert transport.value().count(b"HTTP/1.1 308 ") == 3
+    leg.pauseProducing()  # what the transport says when its buffer is full
+    leg.dataReceived(one * 2000)
+    assert transport.value().count(b"HTTP/1.1 308 ") == 3, "no answer while the buffer is full"
+    assert leg.gate.held and transport.producerState == "paused", "reading stops past the bound"
+    assert leg.loop.cycle.buffered == len(one) * 2000 > PIPELINE_BUFFER
+    leg.resumeProducing()
+    assert transport.value().count(b"HTTP/1.1 308 ") == 2003

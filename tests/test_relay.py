@@ -159,6 +159,81 @@ async def test_client_forwarded_for_is_replaced_unless_from_a_trusted_proxy(clea
     assert headers(factory.requests[1])[b"x-forwarded-for"] == b"10.1.1.1, 127.0.0.1"
 
 
+ADDRESS_HEADERS = (
+    b"X-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /admin\r\n"
+    b"X-Client-IP: 6.6.6.6\r\nTrue-Client-IP: 6.6.6.6\r\nX-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n"
+)
+
+
+@pytest_twisted.ensureDeferred
+async def test_address_and_routing_headers_from_an_untrusted_client_are_dropped(cleanup):
+    upstream, factory = listenScripted(ok())
+    cleanup.port(upstream)
+    plain = await startProxyFor(cleanup, upstream.getHost().port)
+    trusting = await startProxyFor(cleanup, upstream.getHost().port, set_real_ip_from=["127.0.0.0/8"])
+    request = b"GET / HTTP/1.1\r\nHost: h\r\n%bProxy-Authorization: Basic eDp5\r\nConnection: close\r\n\r\n"
+    await exchange(plain.ports[0], request % ADDRESS_HEADERS)
+    await exchange(trusting.ports[0], request % ADDRESS_HEADERS)
+    untrusted, trusted = (headers(sent) for sent in factory.requests)
+    assert untrusted[b"x-real-ip"] == b"127.0.0.1", "set by the proxy, as X-Forwarded-For is"
+    for name in (b"forwarded", b"x-forwarded-port", b"x-forwarded-prefix", b"x-client-ip", b"true-client-ip"):
+        assert name not in untrusted
+    assert b"x-original-url" not in untrusted and b"x-rewrite-url" not in untrusted
+    assert trusted[b"x-real-ip"] == b"6.6.6.6" and trusted[b"forwarded"] == b"for=6.6.6.6"
+    assert b"proxy-authorization" not in untrusted and b"proxy-authorization" not in trusted
+
+
+@pytest_twisted.ensureDeferred
+async def test_header_names_with_underscores_are_dropped_unless_allowed(cleanup):
+    """A WSGI app would read X_Forwarded_For as the proxy's X-Forwarded-For."""
+    upstream, factory = listenScripted(ok())
+    cleanup.port(upstream)
+    strict = await startProxyFor(cleanup, upstream.getHost().port)
+    lenient = await startProxyFor(cleanup, upstream.getHost().port, underscores_in_headers=True)
+    request = (
+        b"GET / HTTP/1.1\r\nHost: h\r\nX_Forwarded_For: 6.6.6.6\r\nX-Forwarded_Proto: https\r\n"
+        b"X_Forwarded_Host: evil.com\r\nMy_Header: kept?\r\nConnection: close\r\n\r\n"
+    )
+    await exchange(strict.ports[0], request)
+    await exchange(lenient.ports[0], request)
+    dropped, kept = (headers(sent) for sent in factory.requests)
+    assert not [name for name in dropped if b"_" in name]
+    assert dropped[b"x-forwarded-for"] == b"127.0.0.1" and dropped[b"x-forwarded-proto"] == b"http"
+    assert kept[b"my_header"] == b"kept?"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unsupported_websocket_version_is_426_naming_13(cleanup):
+    upstream, factory = listenScripted(ok())
+    cleanup.port(upstream)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port)
+    request = (
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\nSec-WebSocket-Version: 99\r\n\r\n"
+    )
+    response = await exchange(proxy.ports[0], request)
+    assert response.startswith(b"HTTP/1.1 426 ")
+    assert headers(response)[b"sec-websocket-version"] == b"13"
+    assert factory.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_header_the_proxy_relies_on_cannot_be_removed_by_connection(cleanup):
+    upstream, factory = listenScripted(ok())
+    cleanup.port(upstream)
+    proxy = await startProxyFor(cleanup, upstream.getHost().port, allowed_origins=["https://good.example"])
+    request = (
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade, Origin\r\nUpgrade: websocket\r\n"
+        b"Origin: https://good.example\r\n"
+        b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    client = await connectRaw(proxy.ports[0])
+    client.transport.write(request)
+    await client.waitFor(lambda received: bool(factory.requests) or b"\r\n\r\n" in received)
+    client.transport.abortConnection()
+    assert headers(factory.requests[0])[b"origin"] == b"https://good.example"
+
+
 @pytest_twisted.ensureDeferred
 async def test_chunked_request_body_is_streamed_and_reframed(cleanup):
     upstream, factory = listenScripted(ok())
