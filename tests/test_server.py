@@ -766,7 +766,7 @@ def test_drain_closes_an_idle_connection_now_and_a_busy_one_after_its_response()
     assert idle.closed
     assert not busy.closed
     upstream.send(OK)
-    assert busy.received() == OK
+    assert busy.received().endswith(b"\r\n\r\nhi") and b"Connection: close" in headLines(busy.received())
     assert busy.closed
     proxy.settle()
     assert not proxy.factory.connections
@@ -1041,3 +1041,30 @@ def test_a_tunnel_without_an_idle_timeout_has_no_timer():
     assert proxy.reactor.getDelayedCalls() == []
     proxy.advance(10000)
     assert not client.closed and not upstream.closed
+
+
+def test_a_reload_of_upgrade_protocols_applies_at_the_next_request_of_a_kept_alive_connection():
+    proxy, client, upstream = keptAlive()
+    reloaded = parseConfig(
+        {
+            "upstream": {"app": {"servers": ["127.0.0.1:9001"]}},
+            "server": [{"listen": "tcp:0", "proxy_pass": "http://app", "access_log": False, "upgrade_protocols": []}],
+        },
+        "(reloaded)",
+    )
+    proxy.factory.settings = ListenerSettings(reloaded.servers[0], proxy.pool, proxy.reactor)
+    fresh = proxy.client(40001)
+    fresh.send(upgradeRequest())
+    assert proxy.exchange.request.upgrade is None, "a new connection no longer upgrades"
+    client.send(upgradeRequest())
+    assert proxy.exchange.request.upgrade is None, "nor does the next request of a kept-alive one"
+
+
+def test_a_response_sent_while_draining_says_connection_close():
+    proxy = Proxy()
+    busy = proxy.client()
+    busy.send(GET)
+    upstream = proxy.acceptUpstream()
+    proxy.factory.drain()
+    upstream.send(OK)
+    assert b"Connection: close" in headLines(busy.received())

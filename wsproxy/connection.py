@@ -213,10 +213,7 @@ class RequestCycle:
         upgradeProtocols: frozenset[bytes] = frozenset({b"websocket"}),
         maxBodySize: int = 0,
     ) -> None:
-        self.limits = limits
-        self.upgradeProtocols = upgradeProtocols
-        self.maxBodySize = maxBodySize
-        self.headLimit = limits.maxRequestLine + limits.maxHeaderSize
+        self.configure(limits, upgradeProtocols, maxBodySize)
         self.state = State.IDLE
         self.request: RequestHead | None = None
         self.keepAlive = True
@@ -224,6 +221,13 @@ class RequestCycle:
         self._buffer = ReceiveBuffer()
         self._decoder: LengthDecoder | ChunkedDecoder | None = None
         self._responseDone = False
+
+    def configure(self, limits: Limits, upgradeProtocols: frozenset[bytes], maxBodySize: int) -> None:
+        """Read the next request under these rules (a reload applies them between requests)."""
+        self.limits = limits
+        self.upgradeProtocols = upgradeProtocols
+        self.maxBodySize = maxBodySize
+        self.headLimit = limits.maxRequestLine + limits.maxHeaderSize
 
     @property
     def buffered(self) -> int:

@@ -59,6 +59,7 @@ class IRequestLoop(Interface):
 
     leg = Attribute("The client's L{wsproxy.leg.Leg}: where the response is written.")
     settings = Attribute("The listener settings the exchange runs under.")
+    draining = Attribute("Whether the listener is shutting down: the response must say Connection: close.")
 
     def readyForBody() -> None:
         """The exchange can take the request body now."""

@@ -203,6 +203,11 @@ class Leg(Protocol):
         leg (or from C{alsoWatching}); like nginx's read timeouts this is
         the time between two reads, and a leg whose reading is paused by
         flow control is not stalled.
+
+        The check is coarse on purpose: a read only sets a flag, and the
+        timer looks at it every C{seconds}, so a stall is noticed between
+        one and two periods after the last byte, and the data path does no
+        timer work per read.
         """
         self.cancelTimer()
         self._moved = False

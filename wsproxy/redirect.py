@@ -106,7 +106,7 @@ class RedirectAnswer:
 
     def start(self) -> None:
         request = self.request
-        keepAlive = request.keepAlive and not (request.chunked or request.bodyLength)
+        keepAlive = request.keepAlive and not (request.chunked or request.bodyLength or self.loop.draining)
         try:
             if self.settings.acmeRoot is not None and request.path.startswith(ACME_PREFIX):
                 self._challenge(keepAlive)

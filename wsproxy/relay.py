@@ -343,7 +343,8 @@ class Exchange:
                 self._closeAfter = True
         # An answer that comes before the request body is all in ends the
         # connection: the rest of the body cannot be told from a next request.
-        if not request.keepAlive or self._closeAfter or not self.requestSent:
+        # So does a shutdown.
+        if not request.keepAlive or self._closeAfter or not self.requestSent or self.loop.draining:
             self._closeAfter = True
             framing.append(b"Connection: close")
         elif not http11:

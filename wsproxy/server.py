@@ -106,14 +106,20 @@ class RequestLoop:
         self._startExchange = startExchange
         self._pumping = False
         self._idle = False
+        self.cycle = RequestCycle()
         self._adopt(settings)
-        self.cycle = RequestCycle(settings.limits, settings.upgradeProtocols, settings.block.client_max_body_size)
         leg.setDeadline(self.block.client_header_timeout, self._headTimedOut)
 
     def _adopt(self, settings: Any) -> None:
         self.settings = settings
         self.block = block = settings.block
         self.leg.sendTimeout = block.send_timeout
+        self.cycle.configure(settings.limits, settings.upgradeProtocols, block.client_max_body_size)
+
+    @property
+    def draining(self) -> bool:
+        """Whether the listener is shutting down: this response is the connection's last."""
+        return self.factory.draining
 
     # Reading requests
 
@@ -134,6 +140,8 @@ class RequestLoop:
                     if leg.writeBlocked:
                         # One answer at a time: wait until the client reads.
                         break
+                    if self.factory.settings is not self.settings:
+                        self._adopt(self.factory.settings)
                     try:
                         event = cycle.nextEvent()
                     except HTTPError as e:
@@ -204,12 +212,8 @@ class RequestLoop:
             leg.close()
             return
         cycle.startNextCycle()
-        settings = self.factory.settings
-        if settings is not self.settings:
-            self._adopt(settings)
-            cycle.limits = settings.limits
-            cycle.headLimit = settings.limits.maxRequestLine + settings.limits.maxHeaderSize
-            cycle.maxBodySize = settings.block.client_max_body_size
+        if self.factory.settings is not self.settings:
+            self._adopt(self.factory.settings)
         self._idle = True
         leg.setDeadline(self.block.keepalive_timeout, leg.close)
         if cycle.buffered:
