@@ -5,6 +5,8 @@ The sans-IO request cycle: bytes in, events out, no transport and no clock.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wsproxy.connection import (
     NEED_DATA,
@@ -233,3 +235,68 @@ def test_a_bad_chunk_is_an_error_state():
     assert cycle.state is State.ERROR
     cycle.finishResponse(keepAlive=True)
     assert cycle.state is State.ERROR
+
+
+SAMPLES = [
+    GET,
+    b"\r\n\r\n" + GET,
+    UPGRADE + b"\x81\x05hello",
+    b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\nX: y\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\rX: y\r\n\r\n",
+    b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"y" * 600 + b"\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(SAMPLES), st.lists(st.integers(1, 40), min_size=1, max_size=60))
+def test_bytes_split_anyhow_give_the_same_events_as_in_one_piece(data, cuts):
+    """The buffer's memory of where it searched never changes what it finds."""
+    whole = RequestCycle(Limits(maxRequestLine=128, maxHeaderSize=512, maxHeaders=8))
+    whole.receiveData(data)
+    expected = outcome(whole)
+    pieces = RequestCycle(Limits(maxRequestLine=128, maxHeaderSize=512, maxHeaders=8))
+    seen: list = []
+    position = 0
+    for cut in cuts:
+        pieces.receiveData(data[position : position + cut])
+        position += cut
+        seen += outcome(pieces, final=False)
+        if seen and isinstance(seen[-1], int):
+            break
+    if not (seen and isinstance(seen[-1], int)):
+        pieces.receiveData(data[position:])
+        seen += outcome(pieces)
+    assert joined(seen) == joined(expected)
+
+
+def joined(events: list) -> list:
+    """Body pieces run together: how a body is cut into events depends on the reads."""
+    result: list = []
+    for event in events:
+        if isinstance(event, bytes) and result and isinstance(result[-1], bytes):
+            result[-1] += event
+        else:
+            result.append(event)
+    return result
+
+
+def outcome(cycle: RequestCycle, final: bool = True) -> list:
+    """The events as comparable values, ending in an error status if there is one."""
+    seen: list = []
+    while True:
+        try:
+            event = cycle.nextEvent()
+        except HTTPError as e:
+            return seen + [e.status]
+        if event is NEED_DATA or event is PAUSED:
+            return seen
+        if isinstance(event, RequestReceived):
+            seen.append((event.request.method, event.request.path, tuple(event.request.headers)))
+        elif isinstance(event, BodyData):
+            seen.append(event.data)
+        else:
+            seen.append("end")

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from wsproxy.connection import ReceiveBuffer
 from wsproxy.http import (
     ChunkedDecoder,
     HTTPError,
@@ -22,7 +23,6 @@ from wsproxy.http import (
     Limits,
     endToEnd,
     errorResponse,
-    findHeadEnd,
     forwardedRequestHeaders,
     parseRequestHead,
     parseResponseHead,
@@ -508,23 +508,32 @@ def test_an_over_large_header_section_is_431():
     assert refusal(post(b"X-A: " + b"v" * 200), limits=Limits(maxHeaderSize=128)) == 431
 
 
-def test_find_head_end_points_past_the_blank_line():
+def takeHead(data: bytes, limit: int) -> bytes | None:
+    buffer = ReceiveBuffer()
+    buffer.append(data)
+    return buffer.takeHead(limit)
+
+
+def test_a_head_ends_past_the_blank_line():
     data = head(b"GET / HTTP/1.1", b"Host: h") + b"next"
-    assert data[findHeadEnd(data, 1000) :] == b"next"
+    buffer = ReceiveBuffer()
+    buffer.append(data)
+    assert buffer.takeHead(1000) == data[: -len(b"next")]
+    assert buffer.takeAll() == b"next"
 
 
-def test_find_head_end_waits_for_an_incomplete_head():
-    assert findHeadEnd(b"GET / HTTP/1.1\r\nHost: h\r\n\r", 1000) == -1
+def test_an_incomplete_head_is_waited_for():
+    assert takeHead(b"GET / HTTP/1.1\r\nHost: h\r\n\r", 1000) is None
 
 
-def test_find_head_end_refuses_a_bare_lf_before_the_head_is_complete():
+def test_a_bare_lf_is_refused_before_the_head_is_complete():
     """A client cannot park a connection on a head that can never become valid."""
     with pytest.raises(HTTPError):
-        findHeadEnd(b"GET / HTTP/1.1\nHost: h\n", 1000)
+        takeHead(b"GET / HTTP/1.1\nHost: h\n", 1000)
 
 
-def test_find_head_end_does_not_look_past_its_limit():
-    assert findHeadEnd(b"GET / HTTP/1.1\r\nX: " + b"a" * 100 + b"\r\n\r\n", 64) == -1
+def test_a_head_is_not_looked_for_past_the_limit():
+    assert takeHead(b"GET / HTTP/1.1\r\nX: " + b"a" * 100 + b"\r\n\r\n", 64) is None
 
 
 # Responses: the same strictness, as 502
@@ -719,11 +728,12 @@ INTERESTING = st.sampled_from(list(b'\x00\r\n\t :;,"\\\x01\x7f\x80\xff0aA-_/#?@'
 
 
 def parseOrRefuse(data: bytes):
-    """findHeadEnd then parseRequestHead, as the server uses them; the head or the error."""
+    """The receive buffer then parseRequestHead, as the request cycle uses them; the head or the error."""
     try:
-        end = findHeadEnd(data, HEAD_LIMIT)
-        assert end <= HEAD_LIMIT + 4, "never reads past the limit"
-        return parseRequestHead(data[:end], LIMITS) if end > 0 else None
+        head = takeHead(data, HEAD_LIMIT)
+        if head is not None:
+            assert len(head) <= HEAD_LIMIT + 4, "never reads past the limit"
+        return parseRequestHead(head, LIMITS) if head is not None else None
     except HTTPError as e:
         assert 400 <= e.status < 600
         return e

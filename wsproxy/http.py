@@ -28,7 +28,6 @@ __all__ = [
     "RequestHead",
     "ResponseHead",
     "errorResponse",
-    "findHeadEnd",
     "forwardedRequestHeaders",
     "parseRequestHead",
     "parseResponseHead",
@@ -210,26 +209,6 @@ class ResponseHead:
         """The first value of header C{name} (lowercase), or C{None}."""
         values = self.fields.get(name)
         return values[0] if values else None
-
-
-def findHeadEnd(buffer: bytes | bytearray, limit: int) -> int:
-    """
-    Find where a message head ends in C{buffer}.
-
-    @return: the index just past the blank line, or -1 if the head is not
-        complete yet.
-    @raise HTTPError: if the bytes seen so far can never become a valid head
-        (a bare CR or LF), so that a client cannot park a connection on one.
-    """
-    end = buffer.find(HEAD_END, 0, limit + 4)
-    if end >= 0:
-        return end + 4
-    searchEnd = min(len(buffer), limit + 4)
-    if buffer[searchEnd - 1 : searchEnd] == b"\r":
-        searchEnd -= 1
-    if _BARE_LF.search(buffer, 0, searchEnd):
-        raise HTTPError(400, "bare CR or LF in the message head")
-    return -1
 
 
 def _splitField(line: bytes) -> tuple[bytes, bytes] | None:

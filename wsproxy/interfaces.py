@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_server,tests.test_leg -*-
 """
 The callback sets between the layers a connection goes through, so that
 each side of a hand-over is written against a contract and not against

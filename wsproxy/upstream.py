@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_upstream -*-
+# -*- test-case-name: tests.test_relay,tests.test_server -*-
 """
 The upstream pool: round-robin over servers, failover, passive health.
 
