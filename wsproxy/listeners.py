@@ -37,7 +37,9 @@ __all__ = [
     "PreparedConfig",
     "ProxyService",
     "StartupError",
+    "announceListening",
     "checkReload",
+    "describeAddress",
     "describeListenFailure",
     "makeService",
     "parseListen",
@@ -85,6 +87,31 @@ def describeListenFailure(listen: str, error: BaseException) -> str:
     if number in (errno.EACCES, errno.EPERM) and isinstance(port, int) and 0 < port < 1024:
         why += f"; {PRIVILEGED_PORT_HINT}"
     return f"cannot listen on {listen!r}: {why}"
+
+
+def describeAddress(address: Any) -> str:
+    """
+    A bound address for a log line: C{host:port}, C{[host]:port} for IPv6,
+    or a UNIX socket's path.
+    """
+    host, port = getattr(address, "host", None), getattr(address, "port", None)
+    if host is not None and port is not None:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    if name is not None:
+        return os.fsdecode(name)
+    return str(address)
+
+
+def announceListening(name: str, port: Any) -> None:
+    """
+    Log, once a listener is bound, where it listens: with C{tcp:0} this is
+    how an operator (or a test) learns the port that was picked.
+
+    @param name: the listener, C{"server[I] LISTEN"}.
+    @param port: its L{IListeningPort}.
+    """
+    log.info("{name} listening on {address}", name=name, address=describeAddress(port.getHost()))
 
 
 def parseListen(reactor: Any, source: str, index: int, listen: str) -> Any:
@@ -187,7 +214,13 @@ class Listener(StreamServerEndpointService):
     """
     One C{[[server]]} block: its endpoint, its factory, and (for a TLS
     listener) its swappable certificates.
+
+    @ivar announce: whether to log where it listens once bound (see
+        L{announceListening}); a worker, which serves sockets its parent
+        bound and announced, does not.
     """
+
+    announce = True
 
     def __init__(
         self, block: ServerBlock, factory: Any, reactor: Any, tls: ServerTLS | None, endpoint: Any = None
@@ -214,6 +247,13 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except Exception as e:
             raise StartupError(f"{self.where}: {describeListenFailure(self.block.listen, e)}") from None
+        if self.announce:
+            self._waitingForPort.addCallback(self._announce)
+
+    def _announce(self, port: Any) -> Any:
+        if port is not None:  # None: a failure to bind later on, logged already
+            announceListening(self.name or self.block.listen, port)
+        return port
 
     def listeningPort(self) -> Deferred:
         """
@@ -270,6 +310,7 @@ class ProxyService(MultiService):
             listener = Listener(block, factory, reactor, tls, endpoint)
             listener.where = f"{config.source}: server[{index}].listen"
             listener.setName(f"server[{index}] {block.listen}")
+            listener.announce = not endpoints
             listener.setServiceParent(self)
             self.listeners.append(listener)
 

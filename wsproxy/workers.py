@@ -56,7 +56,14 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .config import Config, ConfigError
-from .listeners import StartupError, checkReload, describeListenFailure, parseListen, prepareConfig
+from .listeners import (
+    StartupError,
+    announceListening,
+    checkReload,
+    describeListenFailure,
+    parseListen,
+    prepareConfig,
+)
 
 __all__ = ["WorkerPool", "main", "stopWithStatus"]
 
@@ -228,6 +235,7 @@ class WorkerPool(Service):
             port = outcome[0]
             port.stopReading()
             self.ports.append(port)
+            announceListening(f"server[{index}] {block.listen}", port)
         super().privilegedStartService()
 
     def startService(self) -> None:
