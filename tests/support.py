@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import os
-import socket
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -36,25 +36,49 @@ ENVIRONMENT = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
 KEY = base64.b64encode(b"0123456789abcdef")
 
 
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
+#: What C{wsproxy} logs once a listener is bound (L{wsproxy.listeners.announceListening}):
+#: C{"server[0] tcp:0:interface=127.0.0.1 listening on 127.0.0.1:41234"}.
+#: A line counts once complete, so that a port is never read half written.
+LISTENING = re.compile(r"\bserver\[(\d+)\] \S+ listening on \S+:(\d+)\r?\n")
 
 
-def connectWhenListening(port: int, process: Any, timeout: float = 15.0) -> socket.socket:
+def boundPorts(text: str) -> dict[int, int]:
+    """The ports in the "listening on" lines of C{text}, by C{[[server]]} index (the first line of each)."""
+    ports: dict[int, int] = {}
+    for match in LISTENING.finditer(text):
+        ports.setdefault(int(match.group(1)), int(match.group(2)))
+    return ports
+
+
+def _bound(log: Path, process: Any, count: int, lastTry: bool) -> list[int] | None:
+    text = log.read_text(errors="replace")
+    ports = boundPorts(text)
+    if len(ports) >= count:
+        return [ports[index] for index in range(count)]
+    assert process.poll() is None, f"twistd exited before listening:\n{text}"
+    assert not lastTry, f"twistd not listening in time:\n{text}"
+    return None
+
+
+def listeningPorts(log: Path, process: Any, count: int = 1, timeout: float = 20.0) -> list[int]:
     """
-    A blocking connection to C{port} once the C{twistd} C{process} listens
-    there; fails if the process exits or C{timeout} passes first.
+    The ports a C{twistd} C{process} bound its first C{count} listeners to
+    (with C{tcp:0}), in C{[[server]]} order, read from its C{log} file.  A
+    bounded poll: fails if the process exits or C{timeout} passes first.
     """
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return socket.create_connection((LOOPBACK, port), timeout=5)
-        except OSError:
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise
-            time.sleep(0.1)
+    while (ports := _bound(log, process, count, time.monotonic() >= deadline)) is None:
+        time.sleep(0.05)
+    return ports
+
+
+async def listeningPortsOf(log: Path, process: Any, count: int = 1, timeout: float = 20.0) -> list[int]:
+    """L{listeningPorts} without blocking the reactor."""
+    found = lambda: len(boundPorts(log.read_text(errors="replace"))) >= count or process.poll() is not None  # noqa: E731
+    await until(found, timeout)
+    ports = _bound(log, process, count, True)
+    assert ports is not None
+    return ports
 
 
 def upgradeRequest(path: bytes = b"/ws", extra: bytes = b"") -> bytes:
@@ -74,7 +98,45 @@ def switching(key: bytes = KEY) -> bytes:
 
 
 def sleep(seconds: float) -> Deferred:
+    """
+    Let C{seconds} pass.  Only to pace what a test sends (a slowloris, a
+    slow reader) or between the checks of a bounded poll; a test waits for
+    what it depends on with an event, L{until} or L{stillAfter}.
+    """
     return deferLater(reactor, seconds, lambda: None)
+
+
+async def until(condition: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """
+    Poll C{condition} until it holds or C{timeout} seconds pass; return
+    whether it holds.  Assert on the result.
+    """
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() >= deadline:
+            return False
+        await sleep(interval)
+    return True
+
+
+async def stillAfter(seconds: float, condition: Callable[[], object], interval: float = 0.01) -> bool:
+    """
+    Whether C{condition} stays true for the next C{seconds} (checked every
+    C{interval}): for what must I{not} happen within a time, such as a
+    connection that must stay open through an idle period.  Returns
+    C{False} as soon as it does not hold.
+    """
+    deadline = reactor.seconds() + seconds
+    while condition():
+        if reactor.seconds() >= deadline:
+            return True
+        await sleep(interval)
+    return False
+
+
+def unsent(transport: Any) -> int:
+    """How many written bytes a TCP C{transport} still holds, not yet handed to the kernel."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
 async def startProxy(upstreams: dict[str, Any], *servers: dict[str, Any], **topLevel: Any) -> ProxyService:
@@ -281,8 +343,9 @@ __all__ = [
     "KEY",
     "LOOPBACK",
     "TWISTD",
-    "connectWhenListening",
-    "freePort",
+    "boundPorts",
+    "listeningPorts",
+    "listeningPortsOf",
     "startProxyFor",
     "switching",
     "upgradeRequest",
@@ -299,5 +362,8 @@ __all__ = [
     "proxyTo",
     "sleep",
     "startProxy",
+    "stillAfter",
     "stopProxy",
+    "unsent",
+    "until",
 ]

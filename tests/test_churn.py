@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import os
 import subprocess
 import time
@@ -30,10 +31,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from support import LOOPBACK, RawClient, connectRaw, sleep
-from test_tap import ENVIRONMENT, TWISTD, freePort
+from support import (
+    ENVIRONMENT,
+    LOOPBACK,
+    TWISTD,
+    RawClient,
+    connectRaw,
+    listeningPortsOf,
+    sleep,
+    stillAfter,
+    unsent,
+    until,
+)
 from twisted.internet import reactor
-from twisted.internet.defer import DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol
@@ -50,6 +61,11 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 KEY = base64.b64encode(b"churn-churn-key!")
 ECHO = b"hello"
 
+#: Requests for C{/slow?TOKEN} on their way: the upstream fires its
+#: L{Deferred} with C{True} once the request is in.
+SLOW_ARRIVALS: dict[bytes, Deferred] = {}
+SLOW_TOKENS = itertools.count()
+
 
 # --------------------------------------------------------------------- upstream
 
@@ -59,8 +75,9 @@ class ChurnUpstream(Protocol):
     One upstream connection: HTTP/1.1 keep-alive until an upgrade, then a
     WebSocket echo.  It does just enough for each way a connection can end:
 
-      - C{GET /slow} answers after 0.2 s, so that a client can abort while
-        the proxy is still waiting for the response head;
+      - C{GET /slow?TOKEN} answers after 0.2 s, so that a client can abort
+        while the proxy is still waiting for the response head (the
+        client learns from L{SLOW_ARRIVALS} that the request is in);
       - C{Connection: close} (which the proxy sends when it keeps no idle
         connections) is honoured;
       - after the upgrade, data frames are echoed; on C{/ws/upstream-closes}
@@ -96,8 +113,11 @@ class ChurnUpstream(Protocol):
                 )
                 self.websocket = True
                 self.upstreamCloses = target == b"/ws/upstream-closes"
-            elif target == b"/slow":
+            elif target.startswith(b"/slow?"):
                 self.delayed = reactor.callLater(0.2, self._answer, closing)
+                arrived = SLOW_ARRIVALS.pop(target.partition(b"?")[2], None)
+                if arrived is not None:
+                    arrived.callback(True)
             else:
                 self._answer(closing)
         if self.websocket:
@@ -227,18 +247,23 @@ async def abortedHead(port: int) -> bool:
     """Half a request head, then a reset."""
     client = await connectRaw(port)
     client.transport.write(b"GET / HTTP/1.1\r\nHost: ch")
-    await sleep(0.01)
+    handedOver = await until(lambda: not unsent(client.transport))
     client.transport.abortConnection()
-    return True
+    return handedOver
 
 
 async def abortedWhileUpstreamThinks(port: int) -> bool:
     """A complete request whose response is slow, reset before the response comes."""
     client = await connectRaw(port)
-    client.transport.write(b"GET /slow HTTP/1.1\r\nHost: churn\r\n\r\n")
-    await sleep(0.05)
+    token = b"%d" % next(SLOW_TOKENS)
+    arrived: Deferred = Deferred()
+    SLOW_ARRIVALS[token] = arrived
+    arrived.addTimeout(5, reactor, onTimeoutCancel=lambda result, timeout: False)
+    client.transport.write(b"GET /slow?%b HTTP/1.1\r\nHost: churn\r\n\r\n" % token)
+    reached = await arrived
+    SLOW_ARRIVALS.pop(token, None)
     client.transport.abortConnection()
-    return True
+    return reached
 
 
 async def abortedTunnel(port: int) -> bool:
@@ -310,7 +335,8 @@ async def settled(pid: int, target: int | None) -> int:
         await sleep(0.25)
         now = openDescriptors(pid)
         if now == target:
-            await sleep(0.5)
+            # It must stay there: no late close (or leak) about to change it.
+            await stillAfter(0.5, lambda: openDescriptors(pid) == target)
             return openDescriptors(pid)
         if now != last:
             last, stableSince = now, time.monotonic()
@@ -319,30 +345,14 @@ async def settled(pid: int, target: int | None) -> int:
     return last
 
 
-async def waitListening(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            client = await connectRaw(port)
-        except ConnectError:
-            assert process.poll() is None, f"twistd exited: {log.read_text()}"
-            assert time.monotonic() < deadline, f"proxy not listening: {log.read_text()}"
-            await sleep(0.1)
-        else:
-            client.transport.loseConnection()
-            await client.closed
-            return
-
-
 @pytest_twisted.ensureDeferred
 async def test_churn_leaves_no_descriptor_or_memory_behind(tmp_path: Path, cleanup: Any, record_property: Any) -> None:
     upstream = cleanup.port(reactor.listenTCP(0, Factory.forProtocol(ChurnUpstream), interface=LOOPBACK, backlog=1024))
-    port = freePort()
     config = tmp_path / "churn.toml"
     config.write_text(
         f"shutdown_timeout = 1\n"
         f'[upstream.app]\nservers = ["{LOOPBACK}:{upstream.getHost().port}"]\nkeepalive = 8\nkeepalive_timeout = 1\n'
-        f'[[server]]\nlisten = "tcp:{port}:interface={LOOPBACK}:backlog=1024"\nproxy_pass = "http://app"\naccess_log = false\n'
+        f'[[server]]\nlisten = "tcp:0:interface={LOOPBACK}:backlog=1024"\nproxy_pass = "http://app"\naccess_log = false\n'
     )
     log = tmp_path / "twistd.log"
     with log.open("wb") as output:
@@ -354,7 +364,7 @@ async def test_churn_leaves_no_descriptor_or_memory_behind(tmp_path: Path, clean
             stderr=subprocess.STDOUT,
         )
     try:
-        await waitListening(port, process, log)
+        (port,) = await listeningPortsOf(log, process)
         began = time.monotonic()
         outcomes: Counter[str] = Counter()
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_twisted
 import trustme
-from support import LOOPBACK, sleep
+from support import LOOPBACK, sleep, stillAfter, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -254,9 +254,9 @@ async def test_forwarderHoldsBackAWriterWhileTheServerDoesNotRead(cleanup: Any) 
     waiting = PauseRecorder()
     client.transport.registerProducer(waiting, True)
     client.transport.write(payload)
-    await sleep(1.0)
+    assert await until(lambda: server.received > 0), "the server got its first bytes"
+    assert await stillAfter(1.0, lambda: waiting.paused), "the forwarder read everything the server did not"
     assert 0 < server.received < len(payload)
-    assert waiting.paused, "the forwarder read everything the server did not"
 
     server.transport.resumeProducing()
     for _ in range(300):

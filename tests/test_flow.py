@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest_twisted
-from support import LOOPBACK, sleep
+from support import LOOPBACK, sleep, until
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -53,7 +53,7 @@ async def test_direct_writes_keep_the_order_when_the_kernel_buffer_fills(cleanup
     factory.buildProtocol = lambda addr: receivers.append(Collect()) or receivers[-1]
     port = cleanup.port(reactor.listenTCP(0, factory, interface=LOOPBACK))
     sender = await connectProtocol(TCP4ClientEndpoint(reactor, LOOPBACK, port.getHost().port), Protocol())
-    await sleep(0.05)
+    assert await until(lambda: receivers), "the server side has accepted"
     (receiver,) = receivers
     receiver.transport.pauseProducing()
     write = writerFor(sender.transport)

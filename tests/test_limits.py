@@ -13,7 +13,9 @@ from support import (
     ok,
     sleep,
     startProxyFor,
+    stillAfter,
     switching,
+    until,
     upgradeRequest,
 )
 
@@ -113,7 +115,8 @@ async def test_connection_limits_answer_503_without_touching_open_tunnels(cleanu
     assert not any(t.closed.called for t in tunnels)
     tunnels[0].transport.loseConnection()
     await tunnels[0].closed
-    await sleep(0.05)
+    factory = proxy.listeners[0].proxyFactory
+    assert await until(lambda: len(factory.connections) == 1), "the proxy has let the closed tunnel go"
     client = await connectRaw(proxy.ports[0])
     client.transport.write(upgradeRequest())
     assert (await client.waitFor(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
@@ -127,7 +130,8 @@ async def test_per_address_connection_limit(cleanup):
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port, max_connections_per_ip=1)
     first = await connectRaw(proxy.ports[0])
-    await sleep(0.05)
+    factory = proxy.listeners[0].proxyFactory
+    assert await until(lambda: len(factory.connections) == 1), "the proxy has accepted the first connection"
     refused = await exchange(proxy.ports[0], b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
     assert refused.startswith(b"HTTP/1.1 503 ")
     first.transport.loseConnection()
@@ -219,7 +223,11 @@ async def test_a_client_that_reads_slowly_is_not_taken_for_a_stalled_upstream(cl
     client = await connectRaw(proxy.ports[0])
     client.transport.pauseProducing()
     client.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
-    await sleep(1.0)
+    factory = proxy.listeners[0].proxyFactory
+    assert await until(lambda: factory.connections), "the proxy has the connection"
+    # The client reads nothing for 1 s, more than proxy_read_timeout: the
+    # proxy must keep the connection.
+    assert await stillAfter(1.0, lambda: factory.connections), "a slow reader is not a stalled upstream"
     client.transport.resumeProducing()
     received = await client.waitClosed(timeout=20)
     assert received is not None and received.endswith(body[-1000:])

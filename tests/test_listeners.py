@@ -17,20 +17,22 @@ from support import (
     ENVIRONMENT,
     TWISTD,
     connectRaw,
-    connectWhenListening,
     exchange,
-    freePort,
+    listeningPorts,
     listenScripted,
     ok,
     proxyTo,
-    sleep,
     startProxy,
     switching,
+    until,
     upgradeRequest,
 )
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import formatEvent, globalLogPublisher
 
 from wsproxy import parseConfig
+from wsproxy.listeners import describeAddress
 from wsproxy.tap import reloadFrom
 
 GET_CLOSE = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
@@ -60,7 +62,7 @@ async def test_shutdown_stops_accepting_finishes_responses_and_drains_tunnels(cl
     slow.transport.write(b"GET /slow HTTP/1.1\r\nHost: h\r\n\r\n")
     await slow.waitFor(b"hello")
     idle = await connectRaw(port)
-    await sleep(0.05)
+    assert await until(lambda: len(proxy.listeners[0].proxyFactory.connections) == 3), "the proxy has the idle one"
 
     started = time.monotonic()
     stopping = proxy.stopService()
@@ -81,7 +83,9 @@ async def test_shutdown_stops_accepting_finishes_responses_and_drains_tunnels(cl
 
 @pytest_twisted.ensureDeferred
 async def test_reload_applies_to_new_requests_and_keeps_tunnels(cleanup):
-    first, _ = listenScripted(lambda r, c: switching() if b"Upgrade" in r else ok(b"first"), closeAfter=False)
+    first, firstFactory = listenScripted(
+        lambda r, c: switching() if b"Upgrade" in r else ok(b"first"), closeAfter=False
+    )
     second, _ = listenScripted(ok(b"second"))
     cleanup.port(first), cleanup.port(second)
     upstreams, block = proxyTo(first.getHost().port)
@@ -111,8 +115,10 @@ async def test_reload_applies_to_new_requests_and_keeps_tunnels(cleanup):
     response = await exchange(port, GET_CLOSE)
     assert response.endswith(b"second") and b"X-Reloaded: yes\r\n" in response
     assert not tunnel.closed.called
-    tunnel.transport.write(b"\x81\x80\x00\x00\x00\x00")
-    await sleep(0.05)
+    frame = b"\x81\x80\x00\x00\x00\x00"
+    tunnel.transport.write(frame)
+    upstreamEnd = firstFactory.connections[0]
+    assert await until(lambda: upstreamEnd.received.endswith(frame)), "the tunnel still relays"
     assert not tunnel.closed.called
     tunnel.transport.loseConnection()
 
@@ -129,6 +135,29 @@ async def test_a_bad_file_on_reload_keeps_the_running_configuration(cleanup, tmp
     assert (await exchange(proxy.ports[0], GET_CLOSE)).endswith(b"kept")
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_bound_listener_logs_where_it_listens(cleanup):
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        lines.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        proxy = cleanup.service(await startProxy(*proxyTo(9)))
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert [line for line in lines if "listening on" in line] == [
+        f"server[0] tcp:0:interface=127.0.0.1 listening on 127.0.0.1:{proxy.ports[0]}"
+    ]
+
+
+def test_addresses_in_the_listening_line():
+    assert describeAddress(IPv4Address("TCP", "127.0.0.1", 8080)) == "127.0.0.1:8080"
+    assert describeAddress(IPv6Address("TCP", "::1", 8443)) == "[::1]:8443"
+    assert describeAddress(UNIXAddress(b"/run/wsproxy.sock")) == "/run/wsproxy.sock"
+
+
 def test_sighup_reloads_a_running_twistd(tmp_path):
     answers = {}
     servers = []
@@ -139,20 +168,22 @@ def test_sighup_reloads_a_running_twistd(tmp_path):
         servers.append(server)
         answers[server.getsockname()[1]] = name
     portA, portB = (s.getsockname()[1] for s in servers)
-    listenPort = freePort()
     config = tmp_path / "wsproxy.toml"
-    template = '[upstream.app]\nservers = ["127.0.0.1:{}"]\n[[server]]\nlisten = "tcp:{}:interface=127.0.0.1"\nproxy_pass = "http://app"\n'
-    config.write_text(template.format(portA, listenPort))
-    process = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
-        env=ENVIRONMENT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    template = '[upstream.app]\nservers = ["127.0.0.1:{}"]\n[[server]]\nlisten = "tcp:0:interface=127.0.0.1"\nproxy_pass = "http://app"\n'
+    config.write_text(template.format(portA))
+    log = tmp_path / "twistd.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(config)],
+            env=ENVIRONMENT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
+        (listenPort,) = listeningPorts(log, process)
 
         def ask() -> int:
-            with connectWhenListening(listenPort, process) as client:
+            with socket.create_connection(("127.0.0.1", listenPort), timeout=5) as client:
                 client.sendall(GET_CLOSE)
                 for server in servers:
                     server.settimeout(0.2)
@@ -167,13 +198,15 @@ def test_sighup_reloads_a_running_twistd(tmp_path):
             raise AssertionError("no upstream was asked")
 
         assert ask() == portA
-        config.write_text(template.format(portB, listenPort))
+        config.write_text(template.format(portB))
         os.kill(process.pid, signal.SIGHUP)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 15
+        while "configuration reloaded" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "configuration reloaded" in log.read_text(), log.read_text()
         assert ask() == portB
     finally:
         process.terminate()
-        output = process.communicate(timeout=30)[0]
+        process.wait(timeout=30)
         for server in servers:
             server.close()
-    assert b"configuration reloaded" in output

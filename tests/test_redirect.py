@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from support import connectRaw, exchange, sleep, startProxy
+from support import connectRaw, exchange, startProxy, stillAfter, until
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -371,15 +371,17 @@ async def test_a_client_that_does_not_read_its_answers_is_paused(cleanup):
     client = await connectRaw(port)
     client.transport.pauseProducing()
     client.transport.write(b"GET /x HTTP/1.1\r\nHost: example.com\r\n\r\n" * 60000)
-    await sleep(1.0)
-    (connection,) = [
+    connections = lambda: [  # noqa: E731
         protocol
         for service in cleanup.services
         for listener in service.listeners
         for protocol in listener.proxyFactory.connections
     ]
+    assert await until(connections), "the redirector has the connection"
+    (connection,) = connections()
     transport = connection.transport
-    assert len(transport.dataBuffer) + transport._tempDataLen < 2 * 1024 * 1024
+    # For 1 s the client reads nothing while its requests keep coming: the answers must not pile up.
+    assert await stillAfter(1.0, lambda: len(transport.dataBuffer) + transport._tempDataLen < 2 * 1024 * 1024)
     client.transport.resumeProducing()
     received = await client.waitFor(lambda r: r.count(b"HTTP/1.1 308 ") == 60000, timeout=30)
     assert received.count(b"HTTP/1.1 308 ") == 60000

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 import pytest_twisted
-from support import connectRaw, exchange, listenScripted, ok, proxyTo, sleep, startProxy, startProxyFor
+from support import connectRaw, exchange, listenScripted, ok, proxyTo, sleep, startProxy, startProxyFor, until
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
@@ -242,7 +242,8 @@ async def test_chunked_request_body_is_streamed_and_reframed(cleanup):
     client = await connectRaw(proxy.ports[0])
     client.transport.write(b"POST /up HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
     client.transport.write(b"5;ext=1\r\nhello\r\n")
-    await sleep(0.05)
+    # The first chunk goes on before the rest of the body exists.
+    assert await until(lambda: any(c.received.endswith(b"5\r\nhello\r\n") for c in factory.connections))
     client.transport.write(b"6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n")
     response = await client.waitClosed()
     assert response.startswith(b"HTTP/1.1 200 ")

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from support import ENVIRONMENT, TWISTD, connectWhenListening, freePort
+from support import ENVIRONMENT, TWISTD, listeningPorts
 from twisted.internet.error import CannotListenError
 
 from wsproxy.listeners import describeListenFailure
@@ -50,15 +50,17 @@ def test_a_bad_configuration_stops_twistd_with_one_line(tmp_path, text, expected
 
 
 def test_the_demo_serves_its_page_and_websocket_through_the_proxy(tmp_path):
-    port = freePort()
-    process = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "wsproxy", "--demo", "--demo-port", str(port)],
-        env=ENVIRONMENT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    log = tmp_path / "twistd.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "wsproxy", "--demo", "--demo-port", "0"],
+            env=ENVIRONMENT,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        with connectWhenListening(port, process) as connection:
+        (port,) = listeningPorts(log, process)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
             connection.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             response = b""
             while chunk := connection.recv(65536):
@@ -84,7 +86,7 @@ def test_the_demo_serves_its_page_and_websocket_through_the_proxy(tmp_path):
         process.terminate()
         process.wait(timeout=30)
     # twistd re-raises the SIGTERM it handled once the reactor has stopped cleanly.
-    assert process.returncode in (0, -signal.SIGTERM), process.stdout.read()
+    assert process.returncode in (0, -signal.SIGTERM), log.read_text()
 
 
 def test_an_unknown_endpoint_type_is_one_line(tmp_path):

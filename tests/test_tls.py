@@ -26,7 +26,19 @@ import pytest_twisted
 import trustme
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from cryptography import x509
-from support import LOOPBACK, RawClient, ScriptedUpstream, connectRaw, listenEcho, listenScripted, ok, sleep, startProxy
+from support import (
+    LOOPBACK,
+    RawClient,
+    ScriptedUpstream,
+    connectRaw,
+    listenEcho,
+    listeningPortsOf,
+    listenScripted,
+    ok,
+    sleep,
+    startProxy,
+    stillAfter,
+)
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
@@ -479,8 +491,9 @@ async def test_failed_renewal_keeps_the_old_pair_and_logs_why(cleanup, pki, logg
     assert len(failures) == 1
     assert "ssl_certificate_key" in failures[0] and "does not match" in failures[0]
     assert (await TLSClient(pki.caFile).connect(proxy.ports[0])).serial == oldSerial
-    # Reported once, not at every check.
-    await sleep(WATCH_INTERVAL + 0.5)
+    # Reported once, not at every check: run the watcher's next checks now.
+    for _ in range(3):
+        proxy.listeners[0].tls.reloadIfChanged()
     assert len([line for line in logged if "keeping the old certificate" in line]) == 1
 
 
@@ -544,7 +557,7 @@ async def test_the_handshake_deadline_ends_with_the_handshake(cleanup, pki):
     cleanup.transport(client.transport)
     client.transport.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert (await client.waitFor(b"hello")).endswith(b"hello")
-    await sleep(0.5)
+    assert await stillAfter(0.5, lambda: not client.closed.called), "open past the 200 ms handshake deadline"
     client.transport.write(GET_CLOSE)
     assert (await client.waitClosed()).count(b"HTTP/1.1 200 OK") == 2
 
@@ -666,18 +679,24 @@ async def test_autobahn_client_over_wss(cleanup, pki):
 # The configuration of issue 3, and twistd
 
 
-def issueConfiguration(pki: PKI, upstream: int, redirectPort: int, tlsPort: int) -> str:
+def issueConfiguration(pki: PKI, upstream: int) -> str:
+    """
+    The configuration of issue 3 on ports the system picks (C{tcp:0}: the
+    tests learn them from the listeners, or from twistd's log).  Its
+    redirect therefore names no port, as on a server whose HTTPS listener
+    is on 443.
+    """
     certificate, key, _ = pki.issue("fullchain", "localhost", "127.0.0.1")
     return f"""
 [upstream.app]
 servers = ["127.0.0.1:{upstream}"]
 
 [[server]]
-listen = "tcp:{redirectPort}:interface=127.0.0.1"
-return = "308 https://$host:{tlsPort}$request_uri"
+listen = "tcp:0:interface=127.0.0.1"
+return = "308 https://$host$request_uri"
 
 [[server]]
-listen = "tcp:{tlsPort}:interface=127.0.0.1"
+listen = "tcp:0:interface=127.0.0.1"
 ssl_certificate = "{certificate}"
 ssl_certificate_key = "{key}"
 ssl_protocols = ["TLSv1.2", "TLSv1.3"]
@@ -690,31 +709,23 @@ proxy_pass = "http://app"
 """
 
 
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 @pytest_twisted.ensureDeferred
 async def test_the_issue_configuration_runs_as_written(cleanup, pki, tmp_path):
     upstream, factory = await okUpstream(cleanup)
-    redirectPort, tlsPort = freePort(), freePort()
     path = tmp_path / "wsproxy.toml"
-    path.write_text(issueConfiguration(pki, upstream, redirectPort, tlsPort))
+    path.write_text(issueConfiguration(pki, upstream))
     options = tap.Options()
     options.parseOptions(["--config", str(path)])
     top = cleanup.service(tap.makeService(options, reactor))
     top.startService()
     proxy = list(top)[0]
-    for listener in proxy.listeners:
-        await listener.listeningPort()
+    redirectPort, tlsPort = [(await listener.listeningPort()).getHost().port for listener in proxy.listeners]
 
     client = await connectRaw(redirectPort)
     client.transport.write(b"GET /a?b=c HTTP/1.1\r\nHost: Example.COM\r\nConnection: close\r\n\r\n")
     redirect = await client.waitClosed()
     assert redirect.startswith(b"HTTP/1.1 308 Permanent Redirect\r\n")
-    assert headers(redirect)[b"location"] == b"https://example.com:%d/a?b=c" % tlsPort
+    assert headers(redirect)[b"location"] == b"https://example.com/a?b=c"
     assert b"strict-transport-security" not in headers(redirect)
 
     result = await TLSClient(pki.caFile).connect(tlsPort)
@@ -789,42 +800,45 @@ async def test_twistd_binds_then_drops_privileges(cleanup, pki):
         os.chown(directory, 0 if os.getuid() == 0 else -1, user.pw_gid)
         directory.chmod(0o750)
         files = PKI(pki.ca, directory)
-        redirectPort, tlsPort = freePort(), freePort()
         path = directory / "wsproxy.toml"
-        path.write_text(issueConfiguration(files, upstream, redirectPort, tlsPort))
+        path.write_text(issueConfiguration(files, upstream))
         for key in directory.glob("*.key"):
             os.chown(key, -1, user.pw_gid)
             key.chmod(0o640)
-        output = await runTwistdAs(user, path, tlsPort, pki.caFile)
+        output = await runTwistdAs(user, path, pki.caFile)
     finally:
         shutil.rmtree(directory)
     assert "set uid/gid %d/%d" % (user.pw_uid, user.pw_gid) in output
     assert "failed" not in output and "Traceback" not in output, output
 
 
-async def runTwistdAs(user: pwd.struct_passwd, config: Path, tlsPort: int, caFile: str) -> str:
+async def runTwistdAs(user: pwd.struct_passwd, config: Path, caFile: str) -> str:
     """
-    Run C{twistd} for C{config} until a TLS request through it succeeds,
-    check the user it runs as, stop it; return its log.
+    Run C{twistd} for C{config} (the issue's: a redirect listener, then
+    the TLS one) until a TLS request through it succeeds, check the user
+    it runs as, stop it; return its log.
     """
     twistd = Path(sys.executable).parent / "twistd"
-    process = subprocess.Popen(
-        [
-            str(twistd),
-            "--nodaemon",
-            "--pidfile=",
-            f"--uid={user.pw_uid}",
-            f"--gid={user.pw_gid}",
-            "wsproxy",
-            "--config",
-            str(config),
-        ],
-        cwd=config.parent,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    log = config.parent / "twistd.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [
+                str(twistd),
+                "--nodaemon",
+                "--pidfile=",
+                f"--uid={user.pw_uid}",
+                f"--gid={user.pw_gid}",
+                "wsproxy",
+                "--config",
+                str(config),
+            ],
+            cwd=config.parent,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
     try:
+        _, tlsPort = await listeningPortsOf(log, process, count=2, timeout=30)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -839,10 +853,11 @@ async def runTwistdAs(user: pwd.struct_passwd, config: Path, tlsPort: int, caFil
         gids = next(line for line in status if line.startswith("Gid:")).split()[1:]
         assert set(map(int, uids)) == {user.pw_uid} and set(map(int, gids)) == {user.pw_gid}
         # Past the first certificate check, which runs as the new user.
-        await sleep(WATCH_INTERVAL + 0.5)
+        assert await stillAfter(WATCH_INTERVAL + 0.5, lambda: process.poll() is None), log.read_text()
     finally:
         process.send_signal(signal.SIGTERM)
-        stdout, _ = await deferToThread(process.communicate, timeout=20)
+        await deferToThread(process.wait, timeout=20)
+        stdout = log.read_text()
     # Twisted ends with the signal that stopped it, after a clean shutdown.
-    assert process.returncode == -signal.SIGTERM and b"Server Shut Down." in stdout
-    return stdout.decode()
+    assert process.returncode == -signal.SIGTERM and "Server Shut Down." in stdout
+    return stdout

@@ -22,7 +22,9 @@ from support import (
     openFileDescriptors,
     sleep,
     startProxyFor,
+    stillAfter,
     switching,
+    until,
     upgradeRequest,
 )
 from twisted.internet import reactor
@@ -183,8 +185,8 @@ async def test_tunnels_have_no_idle_timeout_unless_configured(cleanup):
         client.transport.write(upgradeRequest())
         await client.waitFor(b"\r\n\r\n")
         clients.append(client)
-    await sleep(1.0)
-    assert not clients[0].closed.called, "a quiet tunnel must stay open"
+    # 1 s: past every other timeout of the quiet proxy, and websocket_idle_timeout of the watched one.
+    assert await stillAfter(1.0, lambda: not clients[0].closed.called), "a quiet tunnel must stay open"
     assert clients[1].closed.called, "websocket_idle_timeout closes an idle tunnel"
     clients[0].transport.write(b"still here")
     connection = factory.connections[0]
@@ -280,7 +282,9 @@ async def test_a_slow_reader_keeps_the_proxy_buffers_bounded_over_100_mb(cleanup
     reader.transport.write(upgradeRequest())
     factory = proxy.listeners[0].proxyFactory
     peak = 0
-    while not reader.done.called:
+    deadline = reactor.seconds() + 120
+    while not reader.done.called and reactor.seconds() < deadline:
+        # Read in short bursts with long pauses.
         reader.transport.pauseProducing()
         for protocol in factory.connections:
             transport = protocol.transport
@@ -289,6 +293,7 @@ async def test_a_slow_reader_keeps_the_proxy_buffers_bounded_over_100_mb(cleanup
         await sleep(0.01)
         reader.transport.resumeProducing()
         await sleep(0.002)
+    assert reader.done.called, f"{reader.received} of {total} bytes after 120 s"
     blaster = blasters[0]
     expected = hashlib.sha256()
     for _ in range(total // len(blaster.chunk)):
@@ -297,6 +302,21 @@ async def test_a_slow_reader_keeps_the_proxy_buffers_bounded_over_100_mb(cleanup
     assert reader.digest.hexdigest() == expected.hexdigest()
     assert peak < 2 * 1024 * 1024, f"the proxy buffered {peak} bytes for a slow client"
     reader.transport.loseConnection()
+
+
+async def steadyFileDescriptors(polls: int = 5, timeout: float = 5.0) -> int:
+    """
+    This process's descriptor count once it is the same C{polls} times in
+    a row, 20 ms apart: what earlier tests aborted has finished closing.
+    """
+    counts = [openFileDescriptors()]
+
+    def steady() -> bool:
+        counts.append(openFileDescriptors())
+        return len(counts) >= polls and len(set(counts[-polls:])) == 1
+
+    assert await until(steady, timeout, interval=0.02), f"the descriptor count keeps changing: {counts[-polls:]}"
+    return counts[-1]
 
 
 @pytest_twisted.ensureDeferred
@@ -310,8 +330,7 @@ async def test_no_file_descriptors_left_after_1000_connections(cleanup):
     cleanup.port(upstream)
     proxy = await startProxyFor(cleanup, upstream.getHost().port)
     port = proxy.ports[0]
-    await sleep(0.1)
-    before = openFileDescriptors()
+    before = await steadyFileDescriptors()
     for _ in range(20):
         clients = []
         for i in range(50):

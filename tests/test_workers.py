@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import trustme
-from support import ENVIRONMENT, TWISTD, freePort
+from support import ENVIRONMENT, TWISTD, listeningPorts
 
 
 def childrenOf(pid: int) -> set[int]:
@@ -86,13 +86,12 @@ def get(port: int, upstreams: list[TinyUpstream]) -> bytes:
 
 def test_workers_share_the_listener_restart_and_follow_signals(tmp_path):
     one, two = TinyUpstream(b"one"), TinyUpstream(b"two")
-    port = freePort()
     config = tmp_path / "wsproxy.toml"
     template = (
         'workers = 2\n[upstream.app]\nservers = ["127.0.0.1:{}"]\nkeepalive = 0\n'
-        '[[server]]\nlisten = "tcp:{}:interface=127.0.0.1"\nproxy_pass = "http://app"\n'
+        '[[server]]\nlisten = "tcp:0:interface=127.0.0.1"\nproxy_pass = "http://app"\n'
     )
-    config.write_text(template.format(one.port, port))
+    config.write_text(template.format(one.port))
     log = tmp_path / "twistd.log"
     with open(log, "wb") as output:
         parent = subprocess.Popen(
@@ -102,6 +101,7 @@ def test_workers_share_the_listener_restart_and_follow_signals(tmp_path):
             stderr=subprocess.STDOUT,
         )
     try:
+        (port,) = listeningPorts(log, parent)
 
         def workerPids(without: int = 0) -> set[int] | None:
             pids = childrenOf(parent.pid)
@@ -109,6 +109,7 @@ def test_workers_share_the_listener_restart_and_follow_signals(tmp_path):
 
         workers = waitUntil(workerPids)
         waitUntil(lambda: log.read_text().count(" ready") == 2)
+        assert log.read_text().count(" listening on ") == 1, "the parent says where it listens, the workers do not"
 
         def served() -> set[str]:
             lines = log.read_text().splitlines()
@@ -128,7 +129,7 @@ def test_workers_share_the_listener_restart_and_follow_signals(tmp_path):
         waitUntil(lambda: log.read_text().count(" ready") == 3)
         assert get(port, [one, two]).endswith(b"one")
 
-        config.write_text(template.format(two.port, port))
+        config.write_text(template.format(two.port))
         os.kill(parent.pid, signal.SIGHUP)
         waitUntil(lambda: log.read_text().count("configuration reloaded") >= 2)
         for _ in range(6):
@@ -142,7 +143,7 @@ def test_workers_share_the_listener_restart_and_follow_signals(tmp_path):
 
 TEMPLATE = (
     'workers = 2\n[upstream.app]\nservers = ["127.0.0.1:{upstream}"]\nkeepalive = 0\n'
-    '[[server]]\nlisten = "tcp:{port}:interface=127.0.0.1"\nproxy_pass = "http://app"\n{extra}'
+    '[[server]]\nlisten = "tcp:0:interface=127.0.0.1"\nproxy_pass = "http://app"\n{extra}'
 )
 
 
@@ -163,6 +164,11 @@ class Parent:
 
     def log(self) -> str:
         return self.logPath.read_text()
+
+    def port(self) -> int:
+        """The port the parent bound (C{tcp:0}), from its log."""
+        (port,) = listeningPorts(self.logPath, self.process)
+        return port
 
     def workers(self, count: int = 2, without: set[int] = frozenset()) -> set[int] | None:
         pids = childrenOf(self.process.pid)
@@ -186,7 +192,7 @@ def test_a_bad_key_stops_the_parent_before_any_worker_starts(tmp_path):
     (tmp_path / "key.pem").write_bytes(other.private_key_pem.bytes())  # another certificate's key
     path = tmp_path / "wsproxy.toml"
     extra = f'ssl_certificate = "{tmp_path / "cert.pem"}"\nssl_certificate_key = "{tmp_path / "key.pem"}"\n'
-    path.write_text(TEMPLATE.format(upstream=9, port=freePort(), extra=extra))
+    path.write_text(TEMPLATE.format(upstream=9, extra=extra))
     result = subprocess.run(
         [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(path)],
         env=ENVIRONMENT,
@@ -203,13 +209,13 @@ def test_a_bad_key_stops_the_parent_before_any_worker_starts(tmp_path):
 
 def test_a_respawned_worker_serves_the_parents_configuration_not_the_edited_file(tmp_path):
     one, two = TinyUpstream(b"one"), TinyUpstream(b"two")
-    port = freePort()
-    parent = Parent(tmp_path, TEMPLATE.format(upstream=one.port, port=port, extra=""))
+    parent = Parent(tmp_path, TEMPLATE.format(upstream=one.port, extra=""))
     try:
+        port = parent.port()
         first = waitUntil(parent.workers)
         parent.waitReady(2)
         # Edited (validly) but no SIGHUP: the running configuration is still the old one.
-        parent.config.write_text(TEMPLATE.format(upstream=two.port, port=port, extra=""))
+        parent.config.write_text(TEMPLATE.format(upstream=two.port, extra=""))
         for pid in first:
             os.kill(pid, signal.SIGKILL)
         waitUntil(lambda: parent.workers(without=first))
@@ -223,14 +229,14 @@ def test_a_respawned_worker_serves_the_parents_configuration_not_the_edited_file
 
 def test_sighup_checks_in_the_parent_a_bad_file_is_one_line_and_the_workers_keep_theirs(tmp_path):
     one, two = TinyUpstream(b"one"), TinyUpstream(b"two")
-    port = freePort()
-    parent = Parent(tmp_path, TEMPLATE.format(upstream=one.port, port=port, extra=""))
+    parent = Parent(tmp_path, TEMPLATE.format(upstream=one.port, extra=""))
     try:
+        port = parent.port()
         waitUntil(parent.workers)
         parent.waitReady(2)
         # A proxy listener turned into a redirect listener needs a restart.
         parent.config.write_text(
-            TEMPLATE.format(upstream=two.port, port=port, extra="").replace(
+            TEMPLATE.format(upstream=two.port, extra="").replace(
                 'proxy_pass = "http://app"', 'return = "308 https://$host$request_uri"'
             )
         )
@@ -242,7 +248,7 @@ def test_sighup_checks_in_the_parent_a_bad_file_is_one_line_and_the_workers_keep
         for _ in range(4):
             assert get(port, [one, two]).endswith(b"one")
 
-        parent.config.write_text(TEMPLATE.format(upstream=two.port, port=port, extra=""))
+        parent.config.write_text(TEMPLATE.format(upstream=two.port, extra=""))
         os.kill(parent.process.pid, signal.SIGHUP)
         waitUntil(lambda: parent.log().count("configuration reloaded") >= 2)
         for _ in range(6):
@@ -261,7 +267,7 @@ def test_a_worker_that_keeps_failing_at_its_start_stops_twistd_with_status_1(tmp
     key.write_bytes(issued.private_key_pem.bytes())
     extra = f'ssl_certificate = "{certificate}"\nssl_certificate_key = "{key}"\n'
     upstream = TinyUpstream(b"one")
-    parent = Parent(tmp_path, TEMPLATE.format(upstream=upstream.port, port=freePort(), extra=extra))
+    parent = Parent(tmp_path, TEMPLATE.format(upstream=upstream.port, extra=extra))
     try:
         workers = waitUntil(parent.workers)
         parent.waitReady(2)
