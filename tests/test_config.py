@@ -125,3 +125,10 @@ def test_a_configuration_survives_pickling(tmp_path):
     )
     config = loadConfig(write(tmp_path, text))
     assert pickle.loads(pickle.dumps(config)) == config
+
+
+def test_a_server_name_must_be_ascii(tmp_path):
+    """An HTTP/1.0 request without Host is forwarded with it: it must be encodable."""
+    message = problem(tmp_path, EXAMPLE + 'server_name = "bücher.example"\n')
+    assert message.startswith("server[0].server_name: must be ASCII")
+    assert "punycode" in message

@@ -113,6 +113,25 @@ class DeafConnection(ScriptedConnection):
         self.transport.pauseProducing()
 
 
+class EarlyConnection(ScriptedConnection):
+    """Answers as soon as a request head is in, with the head given and a large body, before the request body."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.answered and b"\r\n\r\n" in self.received:
+            self.answered = True
+            self.factory.requests.append(self.received)
+            self.transport.write(self.factory.answer(self.received, self) + b"x" * BIG)
+
+
+class EarlyUpstream(ScriptedUpstream):
+    def buildProtocol(self, addr: Any) -> Protocol:
+        connection = EarlyConnection()
+        connection.factory = self
+        self.connections.append(connection)
+        return connection
+
+
 class DeafUpstream(ScriptedUpstream):
     def buildProtocol(self, addr: Any) -> Protocol:
         connection = DeafConnection()
@@ -489,6 +508,32 @@ async def test_upstream_that_stops_reading_is_dropped_after_proxy_send_timeout(l
     for connection in upstream.connections:
         connection.transport.resumeProducing()
     await listener.upstreamClosed(upstream, timeout=1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_early_answer_then_a_bad_chunk_from_a_client_that_does_not_read_is_closed(listener):
+    """
+    Five of these once held a max_connections = 5 listener for ever: the
+    early answer, then the 400 for the bad chunk, cannot be delivered to a
+    client that reads nothing, and the close must still happen.
+    """
+    upstream = listener.upstream(None, factory=EarlyUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG))
+    proxy = await listener.proxy(upstream, send_timeout=0.5, max_connections=5)
+    clients = []
+    for count in range(1, 6):
+        client = await listener.connect(proxy)
+        client.transport.write(b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        # Stop reading once the request is through (a TLS client that stops
+        # reading before its handshake is done never sends anything).
+        assert await until(lambda count=count: len(upstream.requests) == count, 3)
+        client.transport.pauseProducing()
+        clients.append(client)
+    for client in clients:
+        client.transport.write(b"zz\r\n")
+    await listener.settled(timeout=5)
+    fresh = await listener.connect(proxy)
+    fresh.transport.write(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert not (await fresh.waitFor(b"\r\n")).startswith(b"HTTP/1.1 503 "), "the listener has room again"
 
 
 # 11: the redirect listener

@@ -1068,3 +1068,16 @@ def test_a_response_sent_while_draining_says_connection_close():
     proxy.factory.drain()
     upstream.send(OK)
     assert b"Connection: close" in headLines(busy.received())
+
+
+def test_a_connection_released_to_a_retired_pool_is_closed_not_kept():
+    """After a reload replaced the pool, exchanges still under way do not refill it."""
+    proxy = Proxy()
+    client = proxy.client()
+    client.send(GET)
+    upstream = proxy.acceptUpstream()
+    proxy.pool.retire()
+    upstream.send(OK)
+    assert client.take() == OK
+    assert proxy.pool.servers[0].idle == []
+    assert upstream.closed

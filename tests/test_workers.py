@@ -10,9 +10,11 @@ with status 1.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,13 +152,13 @@ TEMPLATE = (
 class Parent:
     """C{twistd -n wsproxy} with workers, its log in a file."""
 
-    def __init__(self, tmp_path: Path, text: str) -> None:
+    def __init__(self, tmp_path: Path, text: str, runner: tuple[str, ...] = (TWISTD, "-n", "--pidfile=")) -> None:
         self.config = tmp_path / "wsproxy.toml"
         self.config.write_text(text)
         self.logPath = tmp_path / "twistd.log"
         with open(self.logPath, "wb") as output:
             self.process = subprocess.Popen(
-                [TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(self.config)],
+                [*runner, "wsproxy", "--config", str(self.config)],
                 env=ENVIRONMENT,
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -288,3 +290,22 @@ def test_a_worker_that_keeps_failing_at_its_start_stops_twistd_with_status_1(tmp
     assert log.count("started (pid") == 5, "two workers, then three tries of the failing one"
     assert "Main loop terminated" in log
     assert not childrenOf(parent.process.pid)
+
+
+def test_workers_under_twist_get_the_parents_sockets(tmp_path):
+    """
+    C{python -m twisted} (twist) starts services without
+    C{privilegedStartService}: the parent must still bind before it forks,
+    or every worker but the first would find the address in use.
+    """
+    parent = Parent(
+        tmp_path, TEMPLATE.format(upstream=9, extra=""), runner=(sys.executable, "-m", "twisted", "--log-format=text")
+    )
+    try:
+        port = parent.port()
+        parent.waitReady(2)
+        assert parent.workers() is not None, parent.log()
+        served = re.findall(r"worker \d: +\[-\] ProxyFactory starting on (\d+)", parent.log())
+        assert served == [str(port)] * 2, "both workers serve the parent's socket"
+    finally:
+        parent.stop()

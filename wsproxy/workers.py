@@ -218,11 +218,18 @@ class WorkerPool(Service):
 
     def privilegedStartService(self) -> None:
         """
-        Bind every listener.
+        Bind every listener (C{twistd} calls this before it drops
+        privileges; C{twist} only calls L{startService}, which binds then).
 
         @raise StartupError: one line naming the listener, if one cannot be
             bound.
         """
+        self._bind()
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
+        if self.ports:
+            return
         for index, block in enumerate(self.config.servers):
             where = f"{self.config.source}: server[{index}].listen"
             endpoint = parseListen(self.reactor, self.config.source, index, block.listen)
@@ -236,9 +243,9 @@ class WorkerPool(Service):
             port.stopReading()
             self.ports.append(port)
             announceListening(f"server[{index}] {block.listen}", port)
-        super().privilegedStartService()
 
     def startService(self) -> None:
+        self._bind()
         super().startService()
         for index in range(self.config.workers):
             self._spawn(index)
