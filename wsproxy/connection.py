@@ -137,6 +137,8 @@ class ReceiveBuffer:
         if the buffer ends in a lone CR that may be the start of one more.
         """
         data = self._data
+        if data[:1] != b"\r":
+            return True
         match = _EMPTY_LINES.match(data)
         if match is not None:
             del data[: match.end()]
@@ -162,8 +164,9 @@ class ReceiveBuffer:
         data = self._data
         end = data.find(HEAD_END, max(0, self._searched - 3), limit + 4)
         if end >= 0:
+            # A complete head goes to a parser that refuses a bare CR or LF
+            # in any line: only an incomplete one is checked here.
             end += 4
-            self._check(end)
             head = bytes(data[:end])
             del data[:end]
             self._searched = self._checked = 0
@@ -262,10 +265,10 @@ class RequestCycle:
         if not buffer.dropEmptyLines() or not len(buffer):
             return NEED_DATA
         limits = self.limits
-        if not buffer.startsWith(_METHOD_PREFIX, _PREFIX_CHECKED):
-            raise HTTPError(400, "this is not an HTTP request")
         head = buffer.takeHead(self.headLimit)
         if head is None:
+            if not buffer.startsWith(_METHOD_PREFIX, _PREFIX_CHECKED):
+                raise HTTPError(400, "this is not an HTTP request")
             size = len(buffer)
             if size > limits.maxRequestLine and buffer.find(b"\r\n", limits.maxRequestLine + 2) < 0:
                 raise HTTPError(414, "request line too long")

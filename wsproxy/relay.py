@@ -155,10 +155,16 @@ class Exchange:
 
     def _connect(self, reuse: bool) -> None:
         self.state = _CONNECTING
-        connecting = self.settings.pool.connect(self._newLeg, self.settings.block.proxy_connect_timeout, reuse=reuse)
+        pool = self.settings.pool
+        order = pool.pickOrder()
+        if reuse:
+            leg = pool.takeIdle(order[0])
+            if leg is not None:
+                self._connected((order[0], leg, True))
+                return
+        connecting = pool.connectInOrder(order, self._newLeg, self.settings.block.proxy_connect_timeout)
         self._connecting = connecting
-        connecting.addCallback(self._connected)
-        connecting.addErrback(self._connectFailed)
+        connecting.addCallbacks(self._connected, self._connectFailed)
 
     def _newLeg(self) -> UpstreamLeg:
         return UpstreamLeg(self.clock)
@@ -175,7 +181,13 @@ class Exchange:
         client = self.client
         client.feedFrom(upstream)
         upstream.feedFrom(client)
-        upstream.write(self._requestHead())
+        try:
+            head = self._requestHead()
+        except Exception:
+            log.failure("{client} {method} {target}: the request head could not be written", **self._logFields())
+            self.fail(502, "the request could not be forwarded")
+            return
+        upstream.write(head)
         if self.requestSent:
             self._awaitResponseHead()
         else:

@@ -231,6 +231,7 @@ class RequestLoop:
         leg.cancelTimer()
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
+        leg.loop = None  # nothing of the HTTP layer stays with a tunnel
         Tunnel(leg, upstream, self.settings, logFields).start(early, fromUpstream)
 
     # What the leg tells the loop
@@ -284,7 +285,7 @@ class ClientLeg(Leg):
 
     factory: ListenerFactory
     clientAddress: str = "-"
-    loop: RequestLoop
+    loop: RequestLoop | None = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -293,7 +294,7 @@ class ClientLeg(Leg):
 
     def closeIfIdle(self) -> None:
         """Shutting down: close now if no request is under way."""
-        if self.owner is self.loop:
+        if self.loop is not None and self.owner is self.loop:
             self.loop.closeIfIdle()
 
     def connectionLost(self, reason: Failure) -> None:

@@ -153,11 +153,31 @@ class UpstreamPool:
         """
         order = self.pickOrder()
         if reuse:
-            first = order[0]
-            while first.idle:
-                keeper = first.idle.pop()
-                if keeper.takeBack():
-                    return succeed((first, keeper.leg, True))
+            leg = self.takeIdle(order[0])
+            if leg is not None:
+                return succeed((order[0], leg, True))
+        return self.connectInOrder(order, protocolFactory, timeout)
+
+    def takeIdle(self, server: UpstreamServer) -> Any | None:
+        """
+        An idle keep-alive connection to C{server} that is still open, taken
+        out of the pool; C{None} if there is none.  No L{Deferred}: a
+        request on a reused connection goes out in the same reactor turn.
+        """
+        idle = server.idle
+        while idle:
+            keeper = idle.pop()
+            if keeper.takeBack():
+                return keeper.leg
+        return None
+
+    def connectInOrder(
+        self, order: list[UpstreamServer], protocolFactory: Callable[[], IProtocol], timeout: float
+    ) -> Deferred:
+        """
+        A new connection to the first server of C{order} (from L{pickOrder})
+        that accepts; see L{connect}.
+        """
         return ensureDeferred(self._connect(order, protocolFactory, timeout))
 
     def release(self, server: UpstreamServer, leg: Any) -> bool:
