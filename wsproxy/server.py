@@ -59,6 +59,7 @@ class ConnectionSettings:
     """
 
     upgradeProtocols: frozenset[bytes] = frozenset()
+    allowedOrigins: frozenset[bytes] = frozenset()
 
     def __init__(self, block: ServerBlock) -> None:
         self.block = block
@@ -189,7 +190,7 @@ class RequestLoop:
 
     def _check(self, request: RequestHead) -> None:
         """Refuse what the listener's policy does not allow, before anything else is done."""
-        allowed = getattr(self.settings, "allowedOrigins", None)
+        allowed = self.settings.allowedOrigins
         if request.upgrade is not None and allowed:
             origin = (request.first(b"origin") or b"").lower().rstrip(b"/")
             if origin not in allowed:
