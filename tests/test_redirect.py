@@ -390,10 +390,18 @@ async def test_a_client_that_does_not_read_its_answers_is_paused(cleanup):
 
 @pytest_twisted.ensureDeferred
 async def test_a_raw_non_ascii_target_is_redirected_percent_encoded(cleanup):
-    port = await redirector(cleanup)
-    response = await exchange(port, request(b"/caf\xc3\xa9?q=\xff"))
+    """With the access log on: writing the raw target to it once raised and dropped the connection."""
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        port = await redirector(cleanup, access_log=True)
+        response = await exchange(port, request(b"/caf\xc3\xa9?q=\xff"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
     assert response.startswith(b"HTTP/1.1 308 ")
     assert headers(response)[b"location"] == b"https://example.com:8443/caf%C3%A9?q=%FF"
+    assert not [event for event in events if "log_failure" in event]
+    assert any(event.get("location") == "https://example.com:8443/caf%C3%A9?q=%FF" for event in events)
 
 
 def test_one_answer_at_a_time_while_the_client_does_not_read():
