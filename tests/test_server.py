@@ -29,7 +29,7 @@ from wsproxy.connection import State
 from wsproxy.http import LAST_CHUNK, ChunkedDecoder, chunk
 from wsproxy.leg import Leg
 from wsproxy.relay import Exchange, ExchangeState, UpstreamLeg
-from wsproxy.server import ListenerSettings, ProxyFactory, RequestLoop
+from wsproxy.server import REFUSAL_BOUND, ListenerSettings, ProxyFactory, RequestLoop
 from wsproxy.tunnel import _TunnelEnd
 from wsproxy.upstream import UpstreamPool
 
@@ -1080,4 +1080,98 @@ def test_a_connection_released_to_a_retired_pool_is_closed_not_kept():
     upstream.send(OK)
     assert client.take() == OK
     assert proxy.pool.servers[0].idle == []
+    assert upstream.closed
+
+
+# Found by a review of the core
+
+
+def test_a_large_head_alone_is_not_held_by_the_pipelining_bound():
+    """The bound is for bytes sent ahead of an answer; a head alone is bounded by 431."""
+    proxy = Proxy(max_header_size="128k")
+    client = proxy.client()
+    client.send(b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: " + b"a" * 70000)
+    assert client.transport.producerState == "producing"
+    client.send(b"\r\n\r\n")
+    assert proxy.exchange is not None and proxy.exchange.request.first(b"x-big") == b"a" * 70000
+
+
+def test_a_connection_closed_while_pumping_is_not_paused_again():
+    """Paused, a closing TLS connection could not read the client's close_notify."""
+    proxy = Proxy(allowed_origins=["https://good.example"])
+    client = proxy.client()
+    client.send(GET + upgradeRequest(extra=b"Origin: https://evil.example\r\n") + b"x" * 70000)
+    upstream = proxy.acceptUpstream()
+    assert client.transport.producerState == "paused", "bytes ahead of an answer are bounded"
+    upstream.send(OK)
+    assert b"HTTP/1.1 403 " in client.received()
+    assert client.closed
+    assert client.transport.producerState == "producing"
+
+
+def test_a_tunnel_whose_reader_is_slow_is_not_idle():
+    proxy = Proxy(websocket_idle_timeout=10)
+    client = proxy.client()
+    client.send(upgradeRequest())
+    upstream = proxy.acceptUpstream()
+    upstream.send(switching())
+    client.leg.pauseProducing()  # the client's write buffer is full: the upstream is not read
+    proxy.advance(35)
+    assert not client.closed and not upstream.closed
+    client.leg.resumeProducing()
+    proxy.advance(20)
+    assert client.closed and upstream.closed
+
+
+def test_an_error_answer_while_draining_says_connection_close():
+    proxy = Proxy(proxy_read_timeout=5)
+    client = proxy.client()
+    client.send(GET)
+    proxy.acceptUpstream()
+    proxy.factory.drain()
+    proxy.advance(5)
+    assert status(client.received()) == 504
+    assert b"Connection: close" in headLines(client.received())
+    assert client.closed
+
+
+def test_a_refused_connection_that_does_not_close_is_dropped():
+    proxy = Proxy(max_connections=1)
+    proxy.client(40000)
+    refused = proxy.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40001))
+    transport = StringTransport()
+    refused.makeConnection(transport)
+    assert transport.value().startswith(b"HTTP/1.1 503 ")
+    assert transport.disconnecting
+    proxy.advance(REFUSAL_BOUND)
+    assert transport.disconnected, "aborted"
+
+
+def test_every_owner_implements_its_interface():
+    from zope.interface.verify import verifyClass
+
+    from wsproxy.interfaces import IExchange, ILegOwner, IRequestLoop
+    from wsproxy.leg import Unowned
+    from wsproxy.redirect import RedirectAnswer
+    from wsproxy.upstream import _IdleConnection
+
+    for owner in (RequestLoop, Exchange, _TunnelEnd, _IdleConnection, type(Unowned)):
+        assert verifyClass(ILegOwner, owner)
+    for exchange in (Exchange, RedirectAnswer):
+        assert verifyClass(IExchange, exchange)
+    assert verifyClass(IRequestLoop, RequestLoop)
+
+
+def test_an_error_of_our_own_on_a_new_upstream_connection_is_502():
+    """An exception while starting on a freshly connected upstream reaches the errback."""
+    proxy = Proxy()
+    client = proxy.client()
+    client.send(GET)
+    original = Exchange._awaitResponseHead
+    Exchange._awaitResponseHead = lambda self: 1 / 0
+    try:
+        upstream = proxy.acceptUpstream()
+    finally:
+        Exchange._awaitResponseHead = original
+    assert status(client.received()) == 502
     assert upstream.closed

@@ -65,20 +65,21 @@ def setNoDelay(transport: Any) -> None:
 
 
 @implementer(ILegOwner)
-class Unowned:
+class _Unowned:
     """The owner of a leg that nobody uses (any more): it drops what comes."""
 
-    @staticmethod
-    def dataReceived(data: bytes) -> None:
+    def dataReceived(self, data: bytes) -> None:
         pass
 
-    @staticmethod
-    def connectionLost(reason: Failure) -> None:
+    def connectionLost(self, reason: Failure) -> None:
         pass
 
-    @staticmethod
-    def writable() -> None:
+    def writable(self) -> None:
         pass
+
+
+#: The one owner of every leg nobody uses.
+Unowned = _Unowned()
 
 
 @implementer(IPushProducer)
@@ -230,7 +231,8 @@ class Leg(Protocol):
     def _checkReading(self, seconds: float, onStall: Callable[[], object], alsoWatching: Leg | None) -> None:
         self._readTimer = None
         moved = self._moved or (alsoWatching is not None and alsoWatching._moved)
-        if moved or self.gate.held:
+        paused = self.gate.held or (alsoWatching is not None and alsoWatching.gate.held)
+        if moved or paused:
             self.expectData(seconds, onStall, alsoWatching)
             return
         onStall()

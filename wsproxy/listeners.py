@@ -386,7 +386,7 @@ class ProxyService(MultiService):
                 log.info("shutdown: closing {count} connections still open", count=remaining)
                 for factory in factories:
                     for protocol in list(getattr(factory, "connections", ())):
-                        protocol.transport.abortConnection()
+                        protocol.abort()
                 done.callback(None)
                 return
             self.reactor.callLater(0.1, check)

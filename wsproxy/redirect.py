@@ -173,7 +173,8 @@ class RedirectAnswer:
     def bodyReceived(self, data: bytes) -> None:
         raise RuntimeError("a redirect reads no request body")
 
-    bodyComplete = bodyReceived  # type: ignore[assignment]
+    def bodyComplete(self) -> None:
+        raise RuntimeError("a redirect reads no request body")
 
     def fail(self, status: int, message: str) -> None:
         """Answer what cannot be redirected with a plain-text error, and close."""

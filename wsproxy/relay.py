@@ -113,8 +113,9 @@ class Exchange:
     loop is told the outcome through L{IRequestLoop}.
 
     @ivar state: an L{ExchangeState}.
-    @ivar requestSent: whether the whole request (head and body) has been
-        written to the upstream.
+    @ivar requestSent: whether the request body is complete: nothing of
+        the request is left to send once the head is (true from the start
+        for a request without a body).
     @ivar reused: whether the upstream connection came from the pool.
     """
 
@@ -160,11 +161,15 @@ class Exchange:
         if reuse:
             leg = pool.takeIdle(order[0])
             if leg is not None:
-                self._connected((order[0], leg, True))
+                try:
+                    self._connected((order[0], leg, True))
+                except Exception:
+                    self._connectFailed(Failure())
                 return
         connecting = pool.connectInOrder(order, self._newLeg, self.settings.block.proxy_connect_timeout)
         self._connecting = connecting
-        connecting.addCallbacks(self._connected, self._connectFailed)
+        connecting.addCallback(self._connected)
+        connecting.addErrback(self._connectFailed)
 
     def _newLeg(self) -> UpstreamLeg:
         return UpstreamLeg(self.clock)
@@ -181,13 +186,7 @@ class Exchange:
         client = self.client
         client.feedFrom(upstream)
         upstream.feedFrom(client)
-        try:
-            head = self._requestHead()
-        except Exception:
-            log.failure("{client} {method} {target}: the request head could not be written", **self._logFields())
-            self.fail(502, "the request could not be forwarded")
-            return
-        upstream.write(head)
+        upstream.write(self._requestHead())
         if self.requestSent:
             self._awaitResponseHead()
         else:
@@ -202,6 +201,8 @@ class Exchange:
             log.error("{client} {method} {target}: {why}", why=failure.getErrorMessage(), **self._logFields())
             self.fail(502, "no upstream server could be reached")
         else:
+            # A connection error, or an error of our own while starting the
+            # exchange on the new connection: either way the client is told.
             log.failure("{client} {method} {target}: proxying failed", failure, **self._logFields())
             self.fail(502, "the upstream connection failed")
 
@@ -522,7 +523,7 @@ class Exchange:
         # After a failed upgrade the client may already be sending frames
         # that are not HTTP: the connection cannot be used again.
         request = self.request
-        close = not self.requestSent or not request.keepAlive or request.upgrade is not None
+        close = not self.requestSent or not request.keepAlive or request.upgrade is not None or self.loop.draining
         self.client.write(
             errorResponse(status, message, self.settings.extraHeaders, close=close, head=request.method == b"HEAD")
         )

@@ -50,6 +50,9 @@ log = Logger()
 #: How much a client may send ahead while its previous request is answered.
 PIPELINE_BUFFER = 65536
 
+#: How long a refused connection (503) may take to close before it is dropped.
+REFUSAL_BOUND = 5.0
+
 
 class ConnectionSettings:
     """
@@ -170,7 +173,11 @@ class RequestLoop:
                         exchange.bodyComplete()
                 else:
                     break
-            if cycle.buffered > PIPELINE_BUFFER:
+            if leg.closing:
+                return
+            # Bytes sent ahead of an answer still owed are bounded; a head
+            # alone is bounded by the head limit (431), not by this.
+            if cycle.buffered > PIPELINE_BUFFER and (self.exchange is not None or leg.writeBlocked):
                 leg.gate.hold("buffer")
             else:
                 leg.gate.release("buffer")
@@ -304,14 +311,26 @@ class ClientLeg(Leg):
 
 
 class _Refusal(Protocol):
-    """Answers a connection over the listener's limits with 503 and closes it."""
+    """
+    Answers a connection over the listener's limits with 503 and closes it;
+    a peer that does not let the close finish (a TLS client that never
+    sends its close_notify) is dropped after L{REFUSAL_BOUND} seconds, so
+    that refused connections cannot pile up outside the limits.
+    """
 
-    def __init__(self, extraHeaders: tuple[tuple[bytes, bytes], ...]) -> None:
+    def __init__(self, extraHeaders: tuple[tuple[bytes, bytes], ...], clock: IReactorTime) -> None:
         self.extraHeaders = extraHeaders
+        self.clock = clock
+        self._bound: Any = None
 
     def connectionMade(self) -> None:
         self.transport.write(errorResponse(503, "too many connections", self.extraHeaders))
         self.transport.loseConnection()
+        self._bound = self.clock.callLater(REFUSAL_BOUND, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._bound is not None and self._bound.active():
+            self._bound.cancel()
 
 
 class ListenerFactory(Factory):
@@ -351,7 +370,7 @@ class ListenerFactory(Factory):
             block.max_connections_per_ip and self.perAddress.get(host, 0) >= block.max_connections_per_ip
         ):
             log.warn("{client} refused: connection limit reached", client=host)
-            return _Refusal(self.settings.extraHeaders)
+            return _Refusal(self.settings.extraHeaders, self.reactor)
         protocol = ClientLeg(self.reactor)
         protocol.factory = self
         protocol.clientAddress = host
