@@ -27,9 +27,9 @@ from support import (
     connectRaw,
     listenScripted,
     ok,
-    sleep,
     startProxy,
     switching,
+    until,
     upgradeRequest,
 )
 from twisted.internet import reactor
@@ -73,16 +73,6 @@ def maskedText(payload: bytes, mask: bytes = b"\x37\xfa\x21\x3d") -> bytes:
 
 
 # Waiting
-
-
-async def until(condition: Callable[[], bool], timeout: float = 3.0, interval: float = 0.02) -> bool:
-    """Poll C{condition} until it holds (C{True}) or C{timeout} seconds pass (C{False})."""
-    deadline = reactor.seconds() + timeout
-    while not condition():
-        if reactor.seconds() >= deadline:
-            return False
-        await sleep(interval)
-    return True
 
 
 async def fires(deferred: Deferred, timeout: float = 3.0) -> bool:
