@@ -1175,3 +1175,50 @@ def test_an_error_of_our_own_on_a_new_upstream_connection_is_502():
         Exchange._awaitResponseHead = original
     assert status(client.received()) == 502
     assert upstream.closed
+
+
+def test_the_documented_extension_point_answers_some_requests_and_proxies_the_rest():
+    """The README's ProxyWithHealth, as written there."""
+    from zope.interface import implementer
+
+    from wsproxy.interfaces import IExchange
+
+    @implementer(IExchange)
+    class Health:
+        readyForBody = False
+
+        def __init__(self, loop):
+            self.loop = loop
+
+        def start(self):
+            self.loop.leg.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            self.loop.exchangeFinished(keepAlive=True)
+
+        def bodyReceived(self, data):
+            pass
+
+        def bodyComplete(self):
+            pass
+
+        def fail(self, status, message):
+            self.loop.exchangeAborted()
+
+        def clientLost(self):
+            pass
+
+    class ProxyWithHealth(ProxyFactory):
+        def startExchange(self, loop, request):
+            if request.path == b"/healthz":
+                return Health(loop)
+            return super().startExchange(loop, request)
+
+    proxy = Proxy()
+    proxy.factory = ProxyWithHealth(proxy.factory.settings)
+    client = proxy.client()
+    client.send(b"GET /healthz HTTP/1.1\r\nHost: h\r\n\r\n" + GET)
+    assert client.take() == b"HTTP/1.1 204 No Content\r\n\r\n"
+    assert proxy.connectAttempts == 1, "the next request is proxied"
+    upstream = proxy.acceptUpstream()
+    upstream.send(OK)
+    assert client.take() == OK
+    assert not client.closed
