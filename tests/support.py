@@ -189,8 +189,11 @@ class ScriptedUpstream(Factory):
         self.requests: list[bytes] = []
         self.connections: list[ScriptedConnection] = []
 
+    #: The protocol each accepted connection gets; subclasses script other peers.
+    connectionClass: type[ScriptedConnection]
+
     def buildProtocol(self, addr: Any) -> Protocol:
-        connection = ScriptedConnection()
+        connection = self.connectionClass()
         connection.factory = self
         self.connections.append(connection)
         return connection
@@ -258,6 +261,9 @@ class ScriptedConnection(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost.callback(None)
+
+
+ScriptedUpstream.connectionClass = ScriptedConnection
 
 
 def listenScripted(

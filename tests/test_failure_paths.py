@@ -35,7 +35,6 @@ from support import (
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.protocol import Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import LoopingCall
 
@@ -115,19 +114,11 @@ class EarlyConnection(ScriptedConnection):
 
 
 class EarlyUpstream(ScriptedUpstream):
-    def buildProtocol(self, addr: Any) -> Protocol:
-        connection = EarlyConnection()
-        connection.factory = self
-        self.connections.append(connection)
-        return connection
+    connectionClass = EarlyConnection
 
 
 class DeafUpstream(ScriptedUpstream):
-    def buildProtocol(self, addr: Any) -> Protocol:
-        connection = DeafConnection()
-        connection.factory = self
-        self.connections.append(connection)
-        return connection
+    connectionClass = DeafConnection
 
 
 def drip(connection: ScriptedConnection, piece: bytes, interval: float = 0.05) -> None:
