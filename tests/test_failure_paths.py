@@ -517,6 +517,31 @@ async def test_an_early_answer_then_a_bad_chunk_from_a_client_that_does_not_read
     assert not (await fresh.waitFor(b"\r\n")).startswith(b"HTTP/1.1 503 "), "the listener has room again"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_side_that_stops_reading_is_dropped_after_send_timeout(listener):
+    """A tunnel keeps no byte it cannot deliver for ever: both ends are closed."""
+    upstream = listener.upstream(lambda request, connection: switching() + b"x" * BIG, closeAfter=False)
+    proxy = await listener.proxy(upstream, send_timeout=0.5)
+    client = await listener.connect(proxy)
+    client.transport.write(upgradeRequest())
+    assert (await client.waitFor(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+    client.transport.pauseProducing()
+    await listener.settled(timeout=5)
+    await listener.upstreamClosed(upstream)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_tunnel_is_closed_after_websocket_idle_timeout(listener):
+    upstream = listener.upstream(lambda request, connection: switching(), closeAfter=False)
+    proxy = await listener.proxy(upstream, websocket_idle_timeout=0.3)
+    client = await listener.connect(proxy)
+    client.transport.write(upgradeRequest())
+    assert (await client.waitFor(b"\r\n\r\n")).startswith(b"HTTP/1.1 101 ")
+    assert await client.waitClosed(3) is not None, "the idle tunnel is closed"
+    await listener.settled()
+    await listener.upstreamClosed(upstream)
+
+
 # 11: the redirect listener
 
 
