@@ -28,9 +28,12 @@ class ReadGate:
     """
     Pauses reading from one transport for as long as any reason holds it.
 
-    A gate is also the streaming producer registered with the I{other}
-    transport: when that transport's write buffer fills it calls
-    L{pauseProducing}, which holds the gate for the reason C{"peer"}.
+    In the proxy a L{wsproxy.leg.Leg} owns its transport's producer
+    registration and holds the other leg's gate for the reason C{"peer"}
+    while its write buffer is full.  A gate can also be registered with
+    another transport as its streaming producer directly (the conformance
+    command's small TLS forwarder does): L{pauseProducing} holds it for
+    C{"peer"}.
     """
 
     __slots__ = ("_transport", "_holds")

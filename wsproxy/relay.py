@@ -93,6 +93,7 @@ class ExchangeState(enum.Enum):
     DONE = "DONE"
 
 
+# Module-level names: the states are compared several times per request.
 _CONNECTING = ExchangeState.CONNECTING
 _SENDING = ExchangeState.SENDING
 _WAITING = ExchangeState.WAITING
