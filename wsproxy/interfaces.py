@@ -51,6 +51,12 @@ class IExchange(Interface):
     def fail(status: int, message: str) -> None:
         """The request cannot go on: answer C{status}, or cut the response short."""
 
+    def clientWritable() -> None:
+        """
+        The client's write buffer drained: an exchange that writes a body of
+        its own (a static file) writes the next piece.
+        """
+
     def clientLost() -> None:
         """The client went away."""
 

@@ -186,6 +186,9 @@ class RedirectAnswer:
         log.info("{client} refused: {status} {message}", client=leg.clientAddress, status=status, message=message)
         self.loop.exchangeFinished(False)
 
+    def clientWritable(self) -> None:
+        pass
+
     def clientLost(self) -> None:
         pass
 

@@ -486,6 +486,9 @@ class Exchange:
         self.reused = False
         self._connect(reuse=False)
 
+    def clientWritable(self) -> None:
+        pass
+
     def clientLost(self) -> None:
         """The client went away: abandon the upstream side (nginx logs 499 if no response had begun)."""
         if self.state in _OVER:

@@ -245,7 +245,10 @@ class RequestLoop:
     # What the leg tells the loop
 
     def writable(self) -> None:
-        if self.exchange is None and self.cycle.buffered:
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.clientWritable()
+        elif self.cycle.buffered:
             self._pump()
 
     def connectionLost(self, reason: Failure) -> None:
