@@ -15,13 +15,15 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "Config",
     "ConfigError",
+    "ListenAddress",
+    "Location",
     "ServerBlock",
     "Upstream",
     "UpstreamAddress",
@@ -82,17 +84,54 @@ class Upstream:
     keepalive_timeout: float = 60.0
     proxy_ssl_trusted_certificate: str | None = None
     proxy_ssl_name: str | None = None
+    #: Made for a C{proxy_pass} URL, not written as an C{[upstream.NAME]}.
+    implicit: bool = False
+
+
+@dataclass(frozen=True)
+class Location:
+    """
+    A C{[[server.location]]} table: nginx's C{location MATCH { ... }}.
+
+    @ivar match: the location's argument as written (C{"/ws/"},
+        C{"= /old"}, C{"~* \\.png$"}, C{"@app"}).
+    @ivar block: the effective settings of the requests it handles: its
+        server's, with the location's own keys over them.
+    """
+
+    match: str
+    block: ServerBlock
 
 
 @dataclass(frozen=True)
 class ServerBlock:
     """
-    A C{[[server]]} table: one listener and what it does with requests.
+    A C{[[server]]} table: a virtual host on one or more addresses, and
+    what it does with requests.  A L{Location}'s effective settings are a
+    C{ServerBlock} too, so that everything on the request path reads one
+    kind of object.
     """
 
     listen: str
     proxy_pass: str | None = None
     upstream: str | None = None
+    #: The path part of a C{proxy_pass} URL (nginx replaces the matched part of the URI with it).
+    proxy_uri: str | None = None
+    listens: tuple[str, ...] = ()
+    server_names: tuple[str, ...] = ()
+    default_server: bool = False
+    locations: tuple[Location, ...] = ()
+    root: str | None = None
+    alias: str | None = None
+    index: tuple[str, ...] = ("index.html",)
+    try_files: tuple[str, ...] = ()
+    error_page: tuple[tuple[int, str], ...] = ()
+    internal: bool = False
+    proxy_set_header: tuple[tuple[str, str], ...] = ()
+    proxy_hide_header: tuple[str, ...] = ()
+    #: C{None}: nginx's C{proxy_redirect default}; C{()}: off; else (from, to) prefixes.
+    proxy_redirect: tuple[tuple[str, str], ...] | None = None
+    disable_symlinks: bool = True
     proxy_connect_timeout: float = 5.0
     proxy_read_timeout: float = 60.0
     client_header_timeout: float = 60.0
@@ -136,8 +175,24 @@ class ServerBlock:
 
     @property
     def isRedirect(self) -> bool:
-        """Whether this listener only answers with a redirect."""
-        return self.return_ is not None
+        """Whether this server answers every request with a redirect (C{return} on the server)."""
+        return self.return_ is not None and not self.locations
+
+
+class ListenAddress(NamedTuple):
+    """
+    A listening address: its C{listen} string, and for a port 0 the block
+    it belongs to (each such block gets a free port of its own).
+    """
+
+    listen: str
+    owner: int | None = None
+
+    def __str__(self) -> str:
+        return self.listen
+
+
+_EPHEMERAL = re.compile(r"^(?:tcp6?|ssl):(?:port=)?0(?::|$)")
 
 
 @dataclass(frozen=True)
@@ -149,6 +204,26 @@ class Config:
     servers: tuple[ServerBlock, ...]
     shutdown_timeout: float = 30.0
     workers: int = 1
+
+    @property
+    def addresses(self) -> dict[ListenAddress, tuple[int, ...]]:
+        """
+        Each listening address, in the order they first appear, with the
+        indexes of the server blocks that share it (its virtual hosts).
+        Blocks share an address when their C{listen} strings are the same;
+        a port 0 (any free port) is never shared.
+        """
+        shared: dict[ListenAddress, list[int]] = {}
+        for index, block in enumerate(self.servers):
+            for listen in block.listens or (block.listen,):
+                ephemeral = _EPHEMERAL.match(listen) is not None
+                shared.setdefault(ListenAddress(listen, index if ephemeral else None), []).append(index)
+        return {address: tuple(indexes) for address, indexes in shared.items()}
+
+    def defaultServer(self, address: ListenAddress) -> int:
+        """The index of the block that answers a Host no name on C{address} matches."""
+        indexes = self.addresses[address]
+        return next((i for i in indexes if self.servers[i].default_server), indexes[0])
 
 
 _SIZE = re.compile(r"^(\d+)([kKmMgG]?)$")
@@ -308,78 +383,83 @@ def _readUpstream(source: str, name: str, table: Any) -> Upstream:
     return upstream
 
 
-def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Upstream]) -> ServerBlock:
-    reader = _Reader(source, f"server[{index}]", table)
-    listen = reader.get("listen", str)
-    if not listen:
-        raise reader.fail("listen", "is required (a Twisted endpoint such as tcp:8080)")
-    values: dict[str, Any] = {"listen": listen}
+#: Durations a location may set, with the server's defaults.
+_REQUEST_TIMES = (
+    ("proxy_connect_timeout", 5.0),
+    ("proxy_read_timeout", 60.0),
+    ("client_body_timeout", 60.0),
+    ("send_timeout", 60.0),
+    ("proxy_send_timeout", 60.0),
+    ("websocket_idle_timeout", 0.0),
+)
+#: Durations that belong to the connection: read before the Host is known,
+#: so an address takes them from its default server, as nginx does.
+_CONNECTION_TIMES = (
+    ("client_header_timeout", 60.0),
+    ("keepalive_timeout", 75.0),
+    ("ssl_session_timeout", 600.0),
+    ("ssl_handshake_timeout", 60.0),
+)
+#: What a C{[[server.location]]} may not set: it belongs to the server or its address.
+_SERVER_ONLY = frozenset(
+    {"listen", "server_name", "default_server", "location", "acme_challenge_root", "set_real_ip_from"}
+    | {key for key, _ in _CONNECTION_TIMES}
+    | {"max_request_line", "max_header_size", "max_headers", "max_connections", "max_connections_per_ip"}
+    | {"underscores_in_headers", "ssl_certificate", "ssl_certificate_key", "ssl_certificates", "ssl_protocols"}
+    | {"ssl_ciphers", "ssl_prefer_server_ciphers", "ssl_session_cache"}
+)
+#: What answers a request; a location that sets none of these takes its server's.
+_HANDLERS = ("proxy_pass", "return", "root", "alias", "try_files")
+_LOCATION_RETURN = re.compile(r"^(\d{3})(?: (.*))?$", re.S)
+_PLAIN_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
 
-    proxyPass = reader.get("proxy_pass", str)
-    returnValue = reader.get("return", str)
-    if proxyPass is None and returnValue is None:
-        raise reader.fail("proxy_pass", 'is required (or give return = "308 https://...")')
-    if proxyPass is not None and returnValue is not None:
-        raise reader.fail("return", "cannot be combined with proxy_pass")
-    if proxyPass is not None:
-        name = proxyPass.removeprefix("http://")
-        if name == proxyPass:
-            raise reader.fail("proxy_pass", f'expected "http://UPSTREAM", got {proxyPass!r}')
-        if name not in upstreams:
-            known = ", ".join(sorted(upstreams)) or "none defined"
-            raise reader.fail("proxy_pass", f"no [upstream.{name}] (known: {known})")
-        values["proxy_pass"] = proxyPass
-        values["upstream"] = name
-    if returnValue is not None:
-        code, _, target = returnValue.partition(" ")
-        if code not in _REDIRECT_CODES or not target.strip():
-            raise reader.fail("return", f'expected "CODE URL" with CODE one of {", ".join(_REDIRECT_CODES)}')
-        if not re.fullmatch(r"[\x21-\x7e]+", target.strip()):
-            raise reader.fail("return", "the URL must be ASCII without spaces or control characters (punycode an IDN)")
-        unknown = sorted(set(_RETURN_VARIABLE.findall(target)) - set(_RETURN_VARIABLES))
-        if unknown:
-            known = ", ".join("$" + name for name in _RETURN_VARIABLES)
-            raise reader.fail("return", f"unknown variable ${unknown[0]} (use {known})")
-        values["return_"] = f"{code} {target.strip()}"
+
+def _readServer(source: str, index: int, table: Any, upstreams: dict[str, Upstream]) -> ServerBlock:
+    reader = _Reader(source, f"server[{index}]", table)
+    listens = reader.strings("listen")
+    if not listens or not all(listens):
+        raise reader.fail("listen", "is required (a Twisted endpoint such as tcp:8080, or a list of them)")
+    if len(set(listens)) != len(listens):
+        raise reader.fail("listen", "lists the same address twice")
+    values: dict[str, Any] = {"listen": listens[0], "listens": listens}
+    names = tuple(name.lower() for name in reader.strings("server_name"))
+    for name in names:
+        if not name.isascii():
+            raise reader.fail("server_name", f"must be ASCII (write an internationalised name in punycode): {name!r}")
+    values["server_names"] = names
+    values["server_name"] = next((n for n in names if not n.startswith(("~", "*")) and "*" not in n), "")
+    values["default_server"] = reader.get("default_server", bool, False)
+
+    returnValue = reader.table.get("return")
+    locationTables = reader.get("location", list, [])
+    if locationTables and isinstance(returnValue, str):
+        raise reader.fail("return", "on the server answers every request; put it in a [[server.location]] instead")
+    if returnValue is not None and not locationTables:
+        reader.used.add("return")
+        if not isinstance(returnValue, str):
+            raise reader.fail("return", "expected a string")
+        values["return_"] = _serverReturn(reader, returnValue)
+        if "proxy_pass" in reader.table:
+            raise reader.fail("return", "cannot be combined with proxy_pass")
+    _readRequestKeys(reader, values, {}, upstreams, location=None)
+    if not locationTables and not any(values.get(key) for key in ("proxy_pass", "return_", "root", "try_files")):
+        raise reader.fail("proxy_pass", 'is required (or give return = "308 https://...", root, or [[server.location]])')
     root = reader.get("acme_challenge_root", str)
     if root is not None:
-        if returnValue is None:
+        if values.get("return_") is None:
             raise reader.fail("acme_challenge_root", "only a redirect listener (return = ...) serves challenge files")
         if not Path(root).is_dir():
             raise reader.fail("acme_challenge_root", f"not a directory: {root!r}")
         values["acme_challenge_root"] = root
 
-    for key, default in (
-        ("proxy_connect_timeout", 5.0),
-        ("proxy_read_timeout", 60.0),
-        ("client_header_timeout", 60.0),
-        ("client_body_timeout", 60.0),
-        ("send_timeout", 60.0),
-        ("proxy_send_timeout", 60.0),
-        ("keepalive_timeout", 75.0),
-        ("websocket_idle_timeout", 0.0),
-        ("ssl_session_timeout", 600.0),
-        ("ssl_handshake_timeout", 60.0),
-    ):
+    for key, default in _CONNECTION_TIMES:
         values[key] = reader.seconds(key, default)
-    for key, default in (
-        ("max_request_line", 8192),
-        ("max_header_size", 32768),
-        ("client_max_body_size", 0),
-    ):
+    for key, default in (("max_request_line", 8192), ("max_header_size", 32768)):
         values[key] = reader.size(key, default)
     values["max_headers"] = reader.count("max_headers", 100, minimum=1)
     values["max_connections"] = reader.count("max_connections", 0)
     values["max_connections_per_ip"] = reader.count("max_connections_per_ip", 0)
-    values["access_log"] = reader.get("access_log", bool, True)
-    serverName = reader.get("server_name", str, "")
-    if not serverName.isascii():
-        raise reader.fail("server_name", f"must be ASCII (write an internationalised name in punycode): {serverName!r}")
-    values["server_name"] = serverName
-    values["proxy_next_upstream_non_idempotent"] = reader.get("proxy_next_upstream_non_idempotent", bool, False)
     values["underscores_in_headers"] = reader.get("underscores_in_headers", bool, False)
-    values["upgrade_protocols"] = tuple(p.lower() for p in reader.strings("upgrade_protocols", ("websocket",)))
-    values["allowed_origins"] = reader.strings("allowed_origins")
     trusted = reader.strings("set_real_ip_from")
     for network in trusted:
         try:
@@ -387,16 +467,248 @@ def _readServer(source: str, index: int, table: Any, upstreams: Mapping[str, Ups
         except ValueError:
             raise reader.fail("set_real_ip_from", f"not an address or network: {network!r}") from None
     values["set_real_ip_from"] = trusted
+    _readTLS(reader, values)
+    server = ServerBlock(**values)
 
-    headers = reader.get("add_header", dict, {})
+    locations = []
+    for position, locationTable in enumerate(locationTables):
+        where = f"server[{index}].location[{position}]"
+        locations.append(_readLocation(_Reader(source, where, locationTable), server, values, upstreams))
+    reader.finish()
+    if locations:
+        server = replace(server, locations=tuple(locations))
+    return server
+
+
+def _serverReturn(reader: _Reader, returnValue: str) -> str:
+    """A server-level C{return}: a redirect of every request (the plain-HTTP listener)."""
+    code, _, target = returnValue.partition(" ")
+    if code not in _REDIRECT_CODES or not target.strip():
+        raise reader.fail("return", f'expected "CODE URL" with CODE one of {", ".join(_REDIRECT_CODES)}')
+    if not re.fullmatch(r"[\x21-\x7e]+", target.strip()):
+        raise reader.fail("return", "the URL must be ASCII without spaces or control characters (punycode an IDN)")
+    unknown = sorted(set(_RETURN_VARIABLE.findall(target)) - set(_RETURN_VARIABLES))
+    if unknown:
+        known = ", ".join("$" + name for name in _RETURN_VARIABLES)
+        raise reader.fail("return", f"unknown variable ${unknown[0]} (use {known})")
+    return f"{code} {target.strip()}"
+
+
+def _readLocation(
+    reader: _Reader, server: ServerBlock, serverValues: dict[str, Any], upstreams: dict[str, Upstream]
+) -> Location:
+    """
+    One C{[[server.location]]}: its match, and its settings over its
+    server's (C{add_header}, C{proxy_set_header}, C{proxy_hide_header} and
+    C{error_page} are merged with the server's, key by key; see the
+    README for how that differs from nginx).
+    """
+    match = reader.get("match", str)
+    if match is None:
+        raise reader.fail("match", 'is required: nginx\'s location argument, such as "/ws/", "= /old", "~* \\.png$" or "@app"')
+    for key in reader.table:
+        if key in _SERVER_ONLY:
+            raise reader.fail(key, "belongs to the [[server]], not to a location")
+    values = {key: getattr(server, key) for key in server.__dataclass_fields__ if key != "locations"}
+    values["return_"] = None
+    values["proxy_pass"] = values["upstream"] = values["proxy_uri"] = None
+    if not any(key in reader.table for key in _HANDLERS):
+        # No handler of its own: the server's proxy_pass or files answer.
+        for key in ("proxy_pass", "upstream", "proxy_uri"):
+            values[key] = serverValues.get(key)
+    else:
+        values["root"] = None if "alias" in reader.table else values["root"]
+        values["try_files"] = ()
+    _readRequestKeys(reader, values, serverValues, upstreams, location=match)
+    reader.finish()
+    return Location(match, replace(server, **values))
+
+
+def _readRequestKeys(
+    reader: _Reader,
+    values: dict[str, Any],
+    inherited: dict[str, Any],
+    upstreams: dict[str, Upstream],
+    location: str | None,
+) -> None:
+    """
+    The keys a server and its locations share: handlers, per-request
+    limits and timeouts, headers.  C{values} holds the server's values
+    when reading a location (C{location} is its match then).
+    """
+    for key, default in _REQUEST_TIMES:
+        values[key] = reader.seconds(key, inherited.get(key, default))
+    values["client_max_body_size"] = reader.size("client_max_body_size", inherited.get("client_max_body_size", 0))
+    values["access_log"] = reader.get("access_log", bool, inherited.get("access_log", True))
+    values["proxy_next_upstream_non_idempotent"] = reader.get(
+        "proxy_next_upstream_non_idempotent", bool, inherited.get("proxy_next_upstream_non_idempotent", False)
+    )
+    values["upgrade_protocols"] = tuple(
+        p.lower() for p in reader.strings("upgrade_protocols", inherited.get("upgrade_protocols", ("websocket",)))
+    )
+    values["allowed_origins"] = reader.strings("allowed_origins", inherited.get("allowed_origins", ()))
+    values["disable_symlinks"] = reader.get("disable_symlinks", bool, inherited.get("disable_symlinks", True))
+    values["add_header"] = _merged(inherited.get("add_header", ()), _headerTable(reader, "add_header", variables=False))
+    values["proxy_set_header"] = _merged(
+        inherited.get("proxy_set_header", ()), _headerTable(reader, "proxy_set_header", variables=True)
+    )
+    hidden = reader.strings("proxy_hide_header")
+    for name in hidden:
+        if not _HEADER_NAME.match(name):
+            raise reader.fail("proxy_hide_header", f"not a header name: {name!r}")
+    values["proxy_hide_header"] = tuple(dict.fromkeys((*inherited.get("proxy_hide_header", ()), *hidden)))
+    values["error_page"] = _errorPages(reader, inherited.get("error_page", ()))
+    values["proxy_redirect"] = _proxyRedirect(reader, inherited.get("proxy_redirect"))
+
+    values["index"] = reader.strings("index", inherited.get("index", ("index.html",)))
+    root = reader.get("root", str)
+    alias = reader.get("alias", str) if location is not None else None
+    if location is None and "alias" in reader.table:
+        raise reader.fail("alias", "belongs in a [[server.location]] (use root on the server)")
+    if root is not None and alias is not None:
+        raise reader.fail("alias", "cannot be combined with root")
+    for key, path in (("root", root), ("alias", alias)):
+        if path is not None and not Path(path).is_dir():
+            raise reader.fail(key, f"not a directory: {path!r}")
+    if root is not None:
+        values["root"] = root
+    if alias is not None:
+        values["alias"] = alias
+    tryFiles = reader.strings("try_files")
+    if tryFiles:
+        if len(tryFiles) < 2:
+            raise reader.fail("try_files", 'needs at least two entries: files to try, then a fallback ("=404", "@name" or a URI)')
+        values["try_files"] = tryFiles
+    if location is not None:
+        values["internal"] = reader.get("internal", bool, False)
+        returnValue = reader.get("return", str)
+        if returnValue is not None:
+            values["return_"] = _locationReturn(reader, returnValue)
+    proxyPass = reader.get("proxy_pass", str)
+    if proxyPass is not None:
+        if values.get("return_") is not None:
+            raise reader.fail("return", "cannot be combined with proxy_pass")
+        _proxyPass(reader, values, proxyPass, upstreams, location)
+
+
+def _merged(inherited: tuple[tuple[str, str], ...], own: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """The inherited (name, value) pairs with C{own} over them; names compared without case."""
+    ownNames = {name.lower() for name, _ in own}
+    return tuple((name, value) for name, value in inherited if name.lower() not in ownNames) + own
+
+
+def _headerTable(reader: _Reader, key: str, variables: bool) -> tuple[tuple[str, str], ...]:
+    headers = reader.get(key, dict, {})
     for name, value in headers.items():
         if not isinstance(value, str) or not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
-            raise reader.fail(f"add_header.{name}", "expected a header name and a printable string value")
-    values["add_header"] = tuple(headers.items())
+            raise reader.fail(f"{key}.{name}", "expected a header name and a printable string value")
+        if variables:
+            _checkTemplate(reader, f"{key}.{name}", value)
+    return tuple(headers.items())
 
-    _readTLS(reader, values)
-    reader.finish()
-    return ServerBlock(**values)
+
+def _checkTemplate(reader: _Reader, key: str, text: str) -> None:
+    """Refuse a value that uses a variable wsproxy does not know."""
+    from .variables import VariableError, compileTemplate
+
+    try:
+        compileTemplate(text)
+    except VariableError as e:
+        raise reader.fail(key, str(e)) from None
+
+
+def _errorPages(reader: _Reader, inherited: tuple[tuple[int, str], ...]) -> tuple[tuple[int, str], ...]:
+    """C{error_page = { "404" = "/404.html", "502 503" = "@down", "500" = "=200 /oops" }}."""
+    pages = dict(inherited)
+    for codes, target in reader.get("error_page", dict, {}).items():
+        if not isinstance(target, str) or not target.strip():
+            raise reader.fail(f"error_page.{codes}", "expected a URI, @name or =CODE URI")
+        answer = target.split()
+        if answer[0].startswith("=") and not re.fullmatch(r"=(\d{3})?", answer[0]):
+            raise reader.fail(f"error_page.{codes}", f"bad response code {answer[0]!r} (use =200 or =)")
+        if not answer[-1].startswith(("/", "@")) or len(answer) > 2 or (len(answer) == 2 and not answer[0].startswith("=")):
+            raise reader.fail(f"error_page.{codes}", 'expected "/uri", "@name" or "=CODE /uri"')
+        for code in codes.split():
+            if not code.isdigit() or not 300 <= int(code) <= 599:
+                raise reader.fail(f"error_page.{codes}", f"not an error status: {code!r}")
+            pages[int(code)] = target.strip()
+    return tuple(sorted(pages.items()))
+
+
+def _proxyRedirect(reader: _Reader, inherited: Any) -> tuple[tuple[str, str], ...] | None:
+    value = reader.get("proxy_redirect", (str, list), None)
+    if value is None:
+        return inherited
+    if value == "default":
+        return None
+    if value == "off":
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    pairs = []
+    for item in value:
+        parts = item.split() if isinstance(item, str) else []
+        if len(parts) != 2:
+            raise reader.fail("proxy_redirect", f'expected "default", "off" or "FROM TO" pairs, got {item!r}')
+        pairs.append((parts[0], parts[1]))
+    return tuple(pairs)
+
+
+def _locationReturn(reader: _Reader, text: str) -> str:
+    """
+    A location's C{return}: C{"301 URL"} (3xx), C{"404"}, C{"200 text"},
+    or C{"444"} (close without an answer), as nginx's C{return}.
+    """
+    match = _LOCATION_RETURN.match(text.strip())
+    if match is None:
+        raise reader.fail("return", f'expected "CODE", "CODE URL" or "CODE text", got {text!r}')
+    code, rest = int(match.group(1)), match.group(2)
+    if code < 200 or code > 599 and code != 444:
+        raise reader.fail("return", f"not a response code: {code}")
+    if code in (301, 302, 303, 307, 308) and not rest:
+        raise reader.fail("return", f"{code} needs a URL")
+    if rest is not None:
+        if not rest.isascii() or any(ch in rest for ch in "\r\n\0"):
+            raise reader.fail("return", "must be ASCII without line breaks")
+        _checkTemplate(reader, "return", rest)
+    return text.strip()
+
+
+def _proxyPass(
+    reader: _Reader, values: dict[str, Any], text: str, upstreams: dict[str, Upstream], location: str | None
+) -> None:
+    """
+    C{proxy_pass}: C{"http://UPSTREAM"} (an C{[upstream.NAME]}), or a URL
+    C{"http://127.0.0.1:8080"}, C{"https://api.example.com/v2/"}, for which
+    an upstream of one server is made.  A path after the authority is the
+    URI that replaces the part of the request's URI the location matched.
+    """
+    scheme = next((s for s in ("http://", "https://") if text.startswith(s)), None)
+    if scheme is None:
+        raise reader.fail("proxy_pass", f'expected "http://UPSTREAM" or a URL such as "http://127.0.0.1:8080", got {text!r}')
+    authority, slash, path = text[len(scheme) :].partition("/")
+    uri = slash + path if slash else None
+    if uri is not None and ("?" in uri or "#" in uri or not re.fullmatch(r"[\x21-\x7e]*", uri)):
+        raise reader.fail("proxy_pass", f"the URI part must be a plain path: {uri!r}")
+    if uri is not None and location is not None and location.startswith(("~", "@")):
+        raise reader.fail("proxy_pass", "cannot have a URI part in a regex or named location (as in nginx)")
+    if authority in upstreams and scheme == "http://":
+        name = authority
+    else:
+        try:
+            address = parseUpstreamAddress(scheme + authority)
+        except ValueError as e:
+            raise reader.fail("proxy_pass", str(e)) from None
+        explicitPort = authority.rpartition(":")[2].isdigit() and not authority.endswith("]")
+        if not (explicitPort or "." in address.host or ":" in address.host or address.host == "localhost"):
+            known = ", ".join(sorted(n for n, u in upstreams.items() if not u.implicit)) or "none defined"
+            raise reader.fail("proxy_pass", f"no [upstream.{authority}] (known: {known})")
+        name = str(address)
+        if name not in upstreams:
+            upstreams[name] = Upstream(name=name, servers=(address,), implicit=True)
+    values["proxy_pass"] = text
+    values["upstream"] = name
+    values["proxy_uri"] = uri
 
 
 def _readTLS(reader: _Reader, values: dict[str, Any]) -> None:
@@ -509,7 +821,47 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
         workers=reader.count("workers", 1, minimum=1),
     )
     reader.finish()
+    _checkVirtualHosts(config)
     return config
+
+
+def _checkVirtualHosts(config: Config) -> None:
+    """
+    Blocks that share an address are its virtual hosts: they must agree on
+    TLS, at most one may be the C{default_server}, and no name may belong
+    to two of them.
+    """
+    for address, indexes in config.addresses.items():
+        listen = address.listen
+        first = indexes[0]
+        defaults: list[int] = []
+        owners: dict[str, int] = {}
+        for index in indexes:
+            block = config.servers[index]
+            if block.isTLS != config.servers[first].isTLS:
+                tls, plain = (index, first) if block.isTLS else (first, index)
+                raise ConfigError(
+                    config.source,
+                    f"server[{index}].listen",
+                    f"{listen!r} is shared by server[{first}] and server[{index}], but only server[{tls}] has "
+                    f"ssl_certificate (server[{plain}] does not): blocks on one address must agree on TLS",
+                )
+            if block.default_server:
+                if defaults:
+                    raise ConfigError(
+                        config.source,
+                        f"server[{index}].default_server",
+                        f"server[{defaults[0]}] and server[{index}] both claim default_server on {listen!r}",
+                    )
+                defaults.append(index)
+            for name in block.server_names:
+                if name in owners and owners[name] != index:
+                    raise ConfigError(
+                        config.source,
+                        f"server[{index}].server_name",
+                        f"{name!r} is a name of both server[{owners[name]}] and server[{index}] on {listen!r}",
+                    )
+                owners[name] = index
 
 
 def loadConfig(path: str | Path) -> Config:

@@ -77,5 +77,8 @@ class IRequestLoop(Interface):
     def exchangeAborted() -> None:
         """The response was cut short; the client must see the connection close."""
 
-    def switchToTunnel(upstream: Any, fromUpstream: bytes, logFields: dict[str, Any]) -> None:
-        """The upstream granted an upgrade: hand both connections to a tunnel."""
+    def replaceExchange(exchange: Any) -> None:
+        """Another exchange answers the request instead (an C{error_page}); start it."""
+
+    def switchToTunnel(upstream: Any, fromUpstream: bytes, logFields: dict[str, Any], settings: Any = None) -> None:
+        """The upstream granted an upgrade: hand both connections to a tunnel run under C{settings}."""

@@ -59,7 +59,8 @@ def setNoDelay(transport: Any) -> None:
             return
         handle = getattr(transport, "socket", None)
         if isinstance(handle, socket.socket):
-            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if handle.family in (socket.AF_INET, socket.AF_INET6):
+                handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return
         transport = getattr(transport, "transport", None)
 

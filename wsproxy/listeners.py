@@ -26,10 +26,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .config import Config, ConfigError, ServerBlock
-from .redirect import RedirectFactory, RedirectSettings
-from .server import ListenerSettings, ProxyFactory
-from .tls import PreparedTLS, ServerTLS, TLSConfigError, prepareTLS, upstreamTLSOptions
+from .config import Config, ConfigError, ListenAddress, ServerBlock
+from .router import AddressSettings
+from .routing import RoutingError
+from .server import ProxyFactory
+from .tls import PreparedTLS, ServerTLS, TLSConfigError, combineTLS, prepareTLS, upstreamTLSOptions
 from .upstream import UpstreamPool
 
 __all__ = [
@@ -142,12 +143,15 @@ class PreparedConfig:
     @ivar pools: one pool per C{[upstream.NAME]}; pools handed to
         L{prepareConfig} in C{keep} are reused where their upstream did not
         change.
-    @ivar tls: per C{[[server]]} block, its TLS contexts or C{None}.
+    @ivar tls: per listening address, its TLS contexts (its virtual hosts'
+        certificates, picked by SNI) or C{None}.
+    @ivar settings: per listening address, its L{AddressSettings}.
     """
 
     config: Config
     pools: Mapping[str, UpstreamPool]
-    tls: Sequence[PreparedTLS | None]
+    tls: Mapping[ListenAddress, PreparedTLS | None]
+    settings: Mapping[ListenAddress, AddressSettings]
 
 
 def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool] | None = None) -> PreparedConfig:
@@ -169,42 +173,50 @@ def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool]
             pools[name] = UpstreamPool(upstream, reactor, upstreamTLSOptions(upstream))
         except TLSConfigError as e:
             raise _tlsError(config.source, None, e) from None
-    tls: list[PreparedTLS | None] = []
+    perBlock: dict[int, PreparedTLS] = {}
     for index, block in enumerate(config.servers):
-        parseListen(reactor, config.source, index, block.listen)
+        for listen in block.listens or (block.listen,):
+            parseListen(reactor, config.source, index, listen)
+        if block.isTLS:
+            try:
+                perBlock[index] = prepareTLS(block)
+            except TLSConfigError as e:
+                raise _tlsError(config.source, index, e) from None
+    tls: dict[ListenAddress, PreparedTLS | None] = {}
+    settings: dict[ListenAddress, AddressSettings] = {}
+    for address, indexes in config.addresses.items():
+        default = config.defaultServer(address)
+        if default in perBlock:
+            tls[address] = combineTLS(perBlock[default], [perBlock[i] for i in indexes if i != default])
+        else:
+            tls[address] = None
         try:
-            tls.append(prepareTLS(block) if block.isTLS else None)
-        except TLSConfigError as e:
-            raise _tlsError(config.source, index, e) from None
-    return PreparedConfig(config, pools, tls)
+            settings[address] = AddressSettings(config, address, pools, reactor, secure=default in perBlock)
+        except RoutingError as e:
+            raise ConfigError(config.source, f"server[{indexes[0]}]", str(e)) from None
+    return PreparedConfig(config, pools, tls, settings)
 
 
 def checkReload(running: Config, new: Config) -> None:
     """
     Whether C{new} can replace C{running} without a restart: the same
-    listeners (C{listen} strings, in order), each of the same kind (proxy
-    or redirect) and TLS-ness, the same number of workers.
+    listening addresses, in order, each as plain or TLS as before, and the
+    same number of workers.  Names, locations and handlers may change.
 
     @raise ConfigError: naming the key that needs a restart.
     """
     source = new.source
-    old = [block.listen for block in running.servers]
-    if [block.listen for block in new.servers] != old:
-        if len(new.servers) != len(old):
-            key = "server"
-        else:
-            index = next(i for i, block in enumerate(new.servers) if block.listen != old[i])
-            key = f"server[{index}].listen"
+    old = list(running.addresses)
+    addresses = new.addresses
+    if list(addresses) != old:
+        changed = next((address for address in addresses if address not in old), None)
+        key = f"server[{addresses[changed][0]}].listen" if changed is not None else "server"
         raise ConfigError(source, key, "the listen addresses changed; restart wsproxy to change listeners")
-    for index, (was, block) in enumerate(zip(running.servers, new.servers, strict=True)):
-        if was.isRedirect != block.isRedirect:
-            if block.isRedirect:
-                key, change = "return", "a proxy listener cannot become a redirect listener"
-            else:
-                key, change = "proxy_pass", "a redirect listener cannot become a proxy listener"
-            raise ConfigError(source, f"server[{index}].{key}", f"{change} on reload; restart wsproxy")
-        if was.isTLS != block.isTLS:
-            change = "a plain listener cannot become a TLS one" if block.isTLS else "a TLS listener cannot drop TLS"
+    for address in addresses:
+        was = running.servers[running.defaultServer(address)].isTLS
+        index = new.defaultServer(address)
+        if was != new.servers[index].isTLS:
+            change = "a plain listener cannot become a TLS one" if not was else "a TLS listener cannot drop TLS"
             raise ConfigError(source, f"server[{index}].ssl_certificate", f"{change} on reload; restart wsproxy")
     if new.workers != running.workers:
         raise ConfigError(source, "workers", "changing the number of workers needs a restart")
@@ -226,6 +238,8 @@ class Listener(StreamServerEndpointService):
         self, block: ServerBlock, factory: Any, reactor: Any, tls: ServerTLS | None, endpoint: Any = None
     ) -> None:
         self.block = block
+        #: The address, as written in C{listen}.
+        self.listen = block.listen
         self.proxyFactory = factory
         self.tls = tls
         #: What a bind failure names first: C{"FILE: server[I].listen"}.
@@ -246,13 +260,13 @@ class Listener(StreamServerEndpointService):
         try:
             super().privilegedStartService()
         except Exception as e:
-            raise StartupError(f"{self.where}: {describeListenFailure(self.block.listen, e)}") from None
+            raise StartupError(f"{self.where}: {describeListenFailure(self.listen, e)}") from None
         if self.announce:
             self._waitingForPort.addCallback(self._announce)
 
     def _announce(self, port: Any) -> Any:
         if port is not None:  # None: a failure to bind later on, logged already
-            announceListening(self.name or self.block.listen, port)
+            announceListening(self.name or self.listen, port)
         return port
 
     def listeningPort(self) -> Deferred:
@@ -301,24 +315,20 @@ class ProxyService(MultiService):
         self.config = config
         self.pools: dict[str, UpstreamPool] = dict(prepared.pools)
         self.listeners: list[Listener] = []
-        for index, block in enumerate(config.servers):
-            endpoint = endpoints[index] if endpoints else parseListen(reactor, config.source, index, block.listen)
-            tlsPrepared = prepared.tls[index]
-            tls = ServerTLS(block, reactor, tlsPrepared) if tlsPrepared is not None else None
-            settings = self._settingsFor(block, self.pools, tls is not None)
-            factory = RedirectFactory(settings, reactor) if block.isRedirect else ProxyFactory(settings)
-            listener = Listener(block, factory, reactor, tls, endpoint)
-            listener.where = f"{config.source}: server[{index}].listen"
-            listener.setName(f"server[{index}] {block.listen}")
+        for position, (address, indexes) in enumerate(config.addresses.items()):
+            listen = address.listen
+            endpoint = endpoints[position] if endpoints else parseListen(reactor, config.source, indexes[0], listen)
+            tlsPrepared = prepared.tls[address]
+            tls = ServerTLS(tlsPrepared.block, reactor, tlsPrepared) if tlsPrepared is not None else None
+            block = config.servers[config.defaultServer(address)]
+            listener = Listener(block, ProxyFactory(prepared.settings[address]), reactor, tls, endpoint)
+            listener.address = address
+            listener.listen = listen
+            listener.where = f"{config.source}: server[{indexes[0]}].listen"
+            listener.setName(f"server[{indexes[0]}] {listen}")
             listener.announce = not endpoints
             listener.setServiceParent(self)
             self.listeners.append(listener)
-
-    def _settingsFor(self, block: ServerBlock, pools: Mapping[str, UpstreamPool], secure: bool) -> Any:
-        if block.isRedirect:
-            return RedirectSettings(block)
-        assert block.upstream is not None
-        return ListenerSettings(block, pools[block.upstream], self.reactor, secure=secure)
 
     def reload(self, config: Config) -> None:
         """
@@ -339,18 +349,13 @@ class ProxyService(MultiService):
         """
         checkReload(self.config, config)
         prepared = prepareConfig(config, self.reactor, keep=self.pools)
-        settings = [
-            self._settingsFor(block, prepared.pools, listener.tls is not None)
-            for listener, block in zip(self.listeners, config.servers, strict=True)
-        ]
         # Nothing below can fail.
-        for listener, block, tls, listenerSettings in zip(
-            self.listeners, config.servers, prepared.tls, settings, strict=True
-        ):
+        for listener in self.listeners:
+            tls = prepared.tls[listener.address]
             if listener.tls is not None and tls is not None:
                 listener.tls.install(tls)
-            listener.block = block
-            listener.proxyFactory.settings = listenerSettings
+            listener.block = config.servers[config.defaultServer(listener.address)]
+            listener.proxyFactory.settings = prepared.settings[listener.address]
         retired = [pool for pool in self.pools.values() if pool not in prepared.pools.values()]
         self.pools = dict(prepared.pools)
         self.config = config

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError
@@ -43,11 +44,12 @@ from .interfaces import IExchange, ILegOwner, IRequestLoop
 from .leg import Leg, Unowned
 from .tls import describeTLSFailure
 from .upstream import NoUpstreamAvailable
+from .variables import headerValueOK
 
 if TYPE_CHECKING:
     from .server import ListenerSettings
 
-__all__ = ["Exchange", "ExchangeState", "UpstreamLeg"]
+__all__ = ["Exchange", "ExchangeState", "UpstreamLeg", "forwardedFor"]
 
 log = Logger()
 
@@ -56,7 +58,42 @@ MAX_RESPONSE_HEAD = 65536
 #: Methods a request may be sent again for (RFC 9110 §9.2.2).
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _RESPONSE_DROP = frozenset({b"content-length"})
+_OWN_NAMES = {
+    b"x-forwarded-for": b"X-Forwarded-For",
+    b"x-real-ip": b"X-Real-IP",
+    b"x-forwarded-proto": b"X-Forwarded-Proto",
+    b"x-forwarded-host": b"X-Forwarded-Host",
+}
 _INTERIM_FORWARDED = (100, 102, 103)
+
+
+def fromTrustedProxy(clientAddress: str, settings: Any) -> bool:
+    """
+    Whether the client is a proxy of our own (nginx C{set_real_ip_from}),
+    whose forwarding headers are believed; from anyone else they are
+    replaced, so that a client cannot forge where a request came from.
+    """
+    networks = settings.trustedProxies
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(clientAddress)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def forwardedFor(request: RequestHead, clientAddress: str, settings: Any, trusted: bool | None = None) -> bytes:
+    """
+    The C{X-Forwarded-For} sent upstream: the client's chain when the
+    client is a trusted proxy, then the client's address; from anyone
+    else, the address alone.
+    """
+    if trusted is None:
+        trusted = fromTrustedProxy(clientAddress, settings)
+    address = clientAddress.encode("ascii")
+    chain = request.fields.get(b"x-forwarded-for") if trusted else None
+    return b", ".join((*chain, address)) if chain else address
 
 
 class UpstreamLeg(Leg):
@@ -144,6 +181,12 @@ class Exchange:
         self._closeAfter = False
         self._upstreamReusable = False
         self._output: list[bytes] = []
+        #: The request target sent upstream (a location's proxy_pass URI may replace the client's).
+        self.target = request.path
+        #: The status the client is told instead of the upstream's (an C{error_page} answer).
+        self.statusOverride = 0
+        #: C{(status, message) -> IExchange | None}: the C{error_page} for an error of the proxy's own.
+        self.errorPage: Any = None
 
     @property
     def readyForBody(self) -> bool:
@@ -153,6 +196,11 @@ class Exchange:
 
     def start(self) -> None:
         """Connect to the next upstream server and send the request head."""
+        try:
+            self._head = self._requestHead()
+        except HTTPError as e:
+            self.fail(e.status, e.message)
+            return
         self._connect(reuse=True)
 
     def _connect(self, reuse: bool) -> None:
@@ -187,7 +235,7 @@ class Exchange:
         client = self.client
         client.feedFrom(upstream)
         upstream.feedFrom(client)
-        upstream.write(self._requestHead())
+        upstream.write(self._head)
         if self.requestSent:
             self._awaitResponseHead()
         else:
@@ -213,18 +261,35 @@ class Exchange:
         host = request.host or self._ownName()
         address = self.client.clientAddress.encode("ascii")
         trusted = self._fromTrustedProxy()
-        lines = [b"%b %b HTTP/1.1" % (request.method, request.path), b"Host: " + host]
-        lines.extend(
-            b"%b: %b" % pair
-            for pair in forwardedRequestHeaders(
-                request, trustedClient=trusted, underscores=settings.block.underscores_in_headers
-            )
+        headers = forwardedRequestHeaders(
+            request, trustedClient=trusted, underscores=settings.block.underscores_in_headers
         )
-        chain = request.fields.get(b"x-forwarded-for") if trusted else None
-        lines.append(b"X-Forwarded-For: " + (b", ".join((*chain, address)) if chain else address))
-        lines.append(b"X-Real-IP: " + ((request.first(b"x-real-ip") if trusted else None) or address))
-        lines.append(b"X-Forwarded-Proto: " + settings.scheme)
-        lines.append(b"X-Forwarded-Host: " + host)
+        own = {
+            b"host": host,
+            b"x-forwarded-for": forwardedFor(request, self.client.clientAddress, settings, trusted),
+            b"x-real-ip": (request.first(b"x-real-ip") if trusted else None) or address,
+            b"x-forwarded-proto": settings.scheme,
+            b"x-forwarded-host": host,
+        }
+        setNames = settings.setNames
+        if setNames:
+            # proxy_set_header: the configured value replaces the proxy's and
+            # the client's; an empty one removes the header.
+            headers = [(name, value) for name, value in headers if name.lower() not in setNames]
+            context = self._variables()
+            for lower, name, template in settings.setHeaders:
+                value = template.expand(context)
+                own.pop(lower, None)
+                if value:
+                    if not headerValueOK(value):
+                        raise HTTPError(400, f"proxy_set_header {name.decode()} would carry a line break")
+                    headers.append((name, value))
+        lines = [b"%b %b HTTP/1.1" % (request.method, self.target)]
+        if b"host" in own:
+            lines.append(b"Host: " + own.pop(b"host"))
+        lines.extend(b"%b: %b" % pair for pair in headers)
+        for name, value in own.items():
+            lines.append(_OWN_NAMES[name] + b": " + value)
         if request.chunked:
             lines.append(b"Transfer-Encoding: " + b", ".join((*request.transferCodings, b"chunked")))
         elif b"content-length" in request.fields:
@@ -235,6 +300,31 @@ class Exchange:
         elif not settings.pool.upstream.keepalive:
             lines.append(b"Connection: close")
         return CRLF.join(lines) + HEAD_END
+
+    def _variables(self) -> Any:
+        """The request's nginx variables, for C{proxy_set_header}."""
+        from .routing import normalizePath, splitTarget
+        from .variables import RequestContext
+
+        client = self.client
+        path, args = splitTarget(self.request.path)
+        try:
+            uri = normalizePath(path)
+        except HTTPError:
+            uri = path
+        settings = self.settings
+        return RequestContext(
+            self.request,
+            client.clientAddress,
+            getattr(client.transport.getPeer(), "port", 0),
+            getattr(client.transport.getHost(), "port", 0),
+            settings.scheme,
+            settings.block.server_name.encode("ascii"),
+            uri,
+            args,
+            forwardedFor(self.request, client.clientAddress, settings),
+            underscores=settings.block.underscores_in_headers,
+        )
 
     def _ownName(self) -> bytes:
         """
@@ -248,19 +338,7 @@ class Exchange:
         return (f"[{host}]" if ":" in host else host).encode("ascii") + b":%d" % getattr(local, "port", 80)
 
     def _fromTrustedProxy(self) -> bool:
-        """
-        Whether the client is a proxy of our own (nginx C{set_real_ip_from}),
-        whose forwarding headers are believed; from anyone else they are
-        replaced, so that a client cannot forge where a request came from.
-        """
-        networks = self.settings.trustedProxies
-        if not networks:
-            return False
-        try:
-            ip = ipaddress.ip_address(self.client.clientAddress)
-        except ValueError:
-            return False
-        return any(ip in network for network in networks)
+        return fromTrustedProxy(self.client.clientAddress, self.settings)
 
     def bodyReceived(self, payload: bytes) -> None:
         """Forward a piece of the request body, re-framed."""
@@ -367,11 +445,31 @@ class Exchange:
         self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseBodyStalled)
 
     def _responseHeadBytes(self, head: ResponseHead, framing: list[bytes]) -> bytes:
-        lines = [b"HTTP/1.1 %d %b" % (head.status, head.reason)]
-        lines.extend(b"%b: %b" % pair for pair in endToEnd(head.headers, head.connectionTokens, _RESPONSE_DROP))
+        settings = self.settings
+        status = self.statusOverride if self.statusOverride and head.status >= 200 else head.status
+        reason = head.reason if status == head.status else _phrase(status)
+        lines = [b"HTTP/1.1 %d %b" % (status, reason)]
+        headers = endToEnd(head.headers, head.connectionTokens, settings.responseDrop)
+        if settings.redirects and b"location" in head.fields:
+            headers = [(name, self._rewriteLocation(value) if name.lower() == b"location" else value) for name, value in headers]
+        lines.extend(b"%b: %b" % pair for pair in headers)
         lines.extend(framing)
         lines.extend(self.settings.extraHeaderLines)
         return CRLF.join(lines) + HEAD_END
+
+    def _rewriteLocation(self, value: bytes) -> bytes:
+        """nginx's C{proxy_redirect}: the first rule whose prefix matches rewrites C{Location}."""
+        for old, new in self.settings.redirects:
+            if value.startswith(old):
+                value = new + value[len(old) :]
+                if value.startswith(b"/"):
+                    from .router import absoluteURL
+
+                    request = self.request
+                    host = request.host.rpartition(b":")[0] if request.host and request.host[-1:] != b"]" and b":" in request.host else request.host
+                    value = absoluteURL(self.loop, self.settings.scheme, (host or b"").lower(), value)
+                return value
+        return value
 
     def _readBody(self, data: bytes) -> None:
         decoder = self._decoder
@@ -434,7 +532,7 @@ class Exchange:
         upstream = self.upstream
         upstream.cancelTimer()
         upstream.sendTimeout = self.settings.block.send_timeout
-        self.loop.switchToTunnel(upstream, early, self._logFields())
+        self.loop.switchToTunnel(upstream, early, self._logFields(), self.settings)
 
     # Endings
 
@@ -524,9 +622,14 @@ class Exchange:
         if state is _RECEIVING:
             self.loop.exchangeAborted()
             return
+        request = self.request
+        if self.errorPage is not None and self.requestSent and request.upgrade is None:
+            page = self.errorPage(status, message)
+            if page is not None:
+                self.loop.replaceExchange(page)
+                return
         # After a failed upgrade the client may already be sending frames
         # that are not HTTP: the connection cannot be used again.
-        request = self.request
         close = not self.requestSent or not request.keepAlive or request.upgrade is not None or self.loop.draining
         self.client.write(
             errorResponse(status, message, self.settings.extraHeaders, close=close, head=request.method == b"HEAD")
@@ -570,3 +673,10 @@ class Exchange:
             "target": request.target.decode("ascii", "backslashreplace"),
             "upstream": str(self.server.address) if self.server is not None else "-",
         }
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""

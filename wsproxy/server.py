@@ -66,13 +66,27 @@ class ConnectionSettings:
 
     def __init__(self, block: ServerBlock) -> None:
         self.block = block
+        #: The body limit while the head is read; a location may set its own.
+        self.maxBodySize = block.client_max_body_size
         self.limits = Limits(block.max_request_line, block.max_header_size, block.max_headers)
         self.extraHeaders = tuple((k.encode("ascii"), v.encode("ascii")) for k, v in block.add_header)
         self.extraHeaderLines = tuple(b"%b: %b" % pair for pair in self.extraHeaders)
 
 
 class ListenerSettings(ConnectionSettings):
-    """A proxy listener's settings: its pool, its scheme and its policies."""
+    """
+    A proxy listener's settings: its pool, its scheme and its policies.
+    Every request goes to the pool as it came; L{wsproxy.router} builds
+    one of these per location, with the location's headers and rewrites.
+    """
+
+    #: proxy_set_header: (lowercased name, name, template) triples, and the lowercased names.
+    setHeaders: tuple[tuple[bytes, bytes, Any], ...] = ()
+    setNames: frozenset[bytes] = frozenset()
+    #: Response headers not passed to the client (framing, proxy_hide_header).
+    responseDrop: frozenset[bytes] = frozenset({b"content-length"})
+    #: proxy_redirect: (prefix, replacement) pairs for a response's Location.
+    redirects: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(self, block: ServerBlock, pool: UpstreamPool | None, reactor: Any, secure: bool = False) -> None:
         super().__init__(block)
@@ -83,6 +97,10 @@ class ListenerSettings(ConnectionSettings):
         self.upgradeProtocols = frozenset(p.encode("ascii") for p in block.upgrade_protocols)
         self.allowedOrigins = frozenset(o.lower().rstrip("/").encode("ascii") for o in block.allowed_origins)
         self.trustedProxies = tuple(ipaddress.ip_network(n, strict=False) for n in block.set_real_ip_from)
+
+    def answer(self, loop: RequestLoop, request: RequestHead) -> IExchange:
+        """Every request of the listener goes to the pool."""
+        return Exchange(loop, request, self)
 
 
 @implementer(ILegOwner, IRequestLoop)
@@ -118,7 +136,7 @@ class RequestLoop:
         self.settings = settings
         self.block = block = settings.block
         self.leg.sendTimeout = block.send_timeout
-        self.cycle.configure(settings.limits, settings.upgradeProtocols, block.client_max_body_size)
+        self.cycle.configure(settings.limits, settings.upgradeProtocols, settings.maxBodySize)
 
     @property
     def draining(self) -> bool:
@@ -232,15 +250,22 @@ class RequestLoop:
         self.exchange = None
         self.leg.close()
 
-    def switchToTunnel(self, upstream: Leg, fromUpstream: bytes, logFields: dict[str, Any]) -> None:
-        """The upstream granted the upgrade: hand both connections to a tunnel."""
+    def replaceExchange(self, exchange: IExchange) -> None:
+        """Another exchange answers the request instead (an C{error_page})."""
+        self.exchange = exchange
+        exchange.start()
+
+    def switchToTunnel(
+        self, upstream: Leg, fromUpstream: bytes, logFields: dict[str, Any], settings: Any = None
+    ) -> None:
+        """The upgrade was granted: hand both connections to a tunnel run under C{settings} (the location's)."""
         self.exchange = None
         leg = self.leg
         leg.cancelTimer()
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
         leg.loop = None  # nothing of the HTTP layer stays with a tunnel
-        Tunnel(leg, upstream, self.settings, logFields).start(early, fromUpstream)
+        Tunnel(leg, upstream, settings or self.settings, logFields).start(early, fromUpstream)
 
     # What the leg tells the loop
 
@@ -395,8 +420,8 @@ class ListenerFactory(Factory):
 class ProxyFactory(ListenerFactory):
     """A proxy listener: each request becomes an L{wsproxy.relay.Exchange} with an upstream."""
 
-    def __init__(self, settings: ListenerSettings) -> None:
+    def __init__(self, settings: Any) -> None:
         super().__init__(settings, settings.reactor)
 
     def startExchange(self, loop: RequestLoop, request: RequestHead) -> IExchange:
-        return Exchange(loop, request, loop.settings)
+        return loop.settings.answer(loop, request)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
@@ -29,7 +29,7 @@ from .config import Config, ConfigError, loadConfig
 from .listeners import StartupError
 from .listeners import makeService as makeProxyService
 
-__all__ = ["Options", "WsproxyService", "makeService", "reloadFrom"]
+__all__ = ["Options", "WsproxyService", "checkConfig", "makeService", "reloadFrom"]
 
 log = Logger()
 
@@ -48,6 +48,12 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["demo", None, "Run a demo: the proxy on 127.0.0.1:8080 in front of a built-in WebSocket echo app."],
+        [
+            "check",
+            None,
+            "Load the configuration and everything it names (TLS files included), print the routing "
+            "table and exit 0, or print the error and exit 1; nothing is bound (nginx -t).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -55,6 +61,8 @@ class Options(usage.Options):
             raise usage.UsageError("give --config FILE (or --demo to try it out)")
         if self["config"] and self["demo"]:
             raise usage.UsageError("--config and --demo cannot be combined")
+        if self["check"] and not self["config"]:
+            raise usage.UsageError("--check needs --config FILE")
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -73,6 +81,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         return makeDemoService(options["demo-port"], reactor)
     path = options["config"]
+    if options["check"]:
+        checkConfig(path, reactor)
     try:
         config = loadConfig(path)
         if config.workers > 1:
@@ -89,6 +99,26 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     service.setServiceParent(top)
     OnHangup(reactor, lambda: reloadFrom(service, path)).setServiceParent(top)
     return top
+
+
+def checkConfig(path: str, reactor: Any, out: Any = None) -> NoReturn:
+    """
+    C{--check}: load C{path} and build everything it needs, as a start
+    would, without binding; print the routing table and exit 0, or the
+    one-line error and exit 1.
+    """
+    from .listeners import prepareConfig
+    from .router import routingTable
+
+    try:
+        config = loadConfig(path)
+        prepareConfig(config, reactor)
+    except ConfigError as e:
+        raise SystemExit(f"wsproxy: {e}") from None
+    stream = out or sys.stdout
+    stream.write(f"wsproxy: {path}: the configuration is valid\n{routingTable(config)}\n")
+    stream.flush()
+    raise SystemExit(0)
 
 
 class WsproxyService(MultiService):

@@ -28,8 +28,8 @@ certificate renewal without having to remember to ask for it.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from OpenSSL import SSL
@@ -51,6 +51,7 @@ __all__ = [
     "ServerTLSFactory",
     "TLSConfigError",
     "buildContext",
+    "combineTLS",
     "describeTLSFailure",
     "prepareTLS",
     "upstreamTLSOptions",
@@ -216,6 +217,33 @@ class PreparedTLS:
     default: SSL.Context
     contexts: Mapping[str, SSL.Context]
     stamps: Mapping[str, tuple[int, ...]]
+    #: The other virtual hosts on the address, and a table from an SNI name
+    #: to the one whose certificate answers it (C{None}: this block's).
+    others: tuple[PreparedTLS, ...] = ()
+    hosts: Any = None
+
+    def allContexts(self) -> list[SSL.Context]:
+        """Every context of the address: this block's and its virtual hosts'."""
+        own = [self.default, *self.contexts.values()]
+        return own + [context for other in self.others for context in other.allContexts()]
+
+
+def combineTLS(default: PreparedTLS, others: Sequence[PreparedTLS]) -> PreparedTLS:
+    """
+    One address's TLS from its virtual hosts' (C{default} is the
+    C{default_server}'s): SNI picks the block by nginx's C{server_name}
+    rules, then that block's certificate for the name.
+    """
+    if not others:
+        return default
+    from .routing import ServerNames
+
+    entries = [(other.block.server_names, other) for other in others]
+    entries.append((default.block.server_names, None))
+    stamps = dict(default.stamps)
+    for other in others:
+        stamps.update(other.stamps)
+    return replace(default, others=tuple(others), hosts=ServerNames(entries, None), stamps=stamps)
 
 
 def _files(block: ServerBlock) -> list[str]:
@@ -287,7 +315,7 @@ class ServerTLS:
         Use C{prepared} for new handshakes from now on; connections already
         established keep the context they started with.  Cannot fail.
         """
-        for context in [prepared.default, *prepared.contexts.values()]:
+        for context in prepared.allContexts():
             context.set_tlsext_servername_callback(self._pickBySNI)
         if self.block is None or self.block.ssl_protocols != prepared.block.ssl_protocols:
             self._warnLegacy(prepared.block)
@@ -297,6 +325,7 @@ class ServerTLS:
             prepared.stamps,
             prepared.block,
         )
+        self._prepared = prepared
 
     def _pickBySNI(self, connection: SSL.Connection) -> None:
         """
@@ -308,11 +337,18 @@ class ServerTLS:
         if name is None:
             return
         wanted = name.decode("ascii", "replace").lower().rstrip(".")
-        context = self._contexts.get(wanted)
+        contexts = self._contexts
+        hosts = self._prepared.hosts
+        if hosts is not None:
+            host = hosts.lookup(wanted.encode("ascii", "replace"))
+            if host is not None:
+                connection.set_context(host.default)
+                contexts = host.contexts
+        context = contexts.get(wanted)
         if context is None:
             _, dot, parent = wanted.partition(".")
             if dot and parent:
-                context = self._contexts.get("*." + parent)
+                context = contexts.get("*." + parent)
         if context is not None:
             connection.set_context(context)
 
@@ -371,11 +407,13 @@ class ServerTLS:
         @return: whether the new contexts are in use.
         """
         try:
-            prepared = prepareTLS(block)
+            prepared = combineTLS(
+                prepareTLS(block), [prepareTLS(other.block) for other in self._prepared.others]
+            )
         except TLSConfigError as e:
             # Remember what failed, so that a broken renewal is reported once
             # and not every WATCH_INTERVAL; the next change is tried again.
-            self._stamps = {path: _stamp(path) for path in _files(block)}
+            self._stamps = {path: _stamp(path) for path in self._stamps}
             log.error("TLS reload for {listen} failed, keeping the old certificate: {why}", listen=block.listen, why=e)
             return False
         self.install(prepared)

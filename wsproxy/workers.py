@@ -230,19 +230,20 @@ class WorkerPool(Service):
     def _bind(self) -> None:
         if self.ports:
             return
-        for index, block in enumerate(self.config.servers):
+        for address, indexes in self.config.addresses.items():
+            listen, index = address.listen, indexes[0]
             where = f"{self.config.source}: server[{index}].listen"
-            endpoint = parseListen(self.reactor, self.config.source, index, block.listen)
+            endpoint = parseListen(self.reactor, self.config.source, index, listen)
             outcome: list[Any] = []
             endpoint.listen(_NeverAccepts()).addBoth(outcome.append)
             if not outcome:
-                raise StartupError(f"{where}: {block.listen!r} does not bind at once; it cannot be shared by workers")
+                raise StartupError(f"{where}: {listen!r} does not bind at once; it cannot be shared by workers")
             if isinstance(outcome[0], Failure):
-                raise StartupError(f"{where}: {describeListenFailure(block.listen, outcome[0].value)}")
+                raise StartupError(f"{where}: {describeListenFailure(listen, outcome[0].value)}")
             port = outcome[0]
             port.stopReading()
             self.ports.append(port)
-            announceListening(f"server[{index}] {block.listen}", port)
+            announceListening(f"server[{index}] {listen}", port)
 
     def startService(self) -> None:
         self._bind()
