@@ -16,6 +16,7 @@ C{error_log stderr} kept in a file; a missing nginx fails the tests.
 from __future__ import annotations
 
 import itertools
+import random
 import shutil
 import socket
 import subprocess
@@ -530,6 +531,25 @@ PASS_PATHS = (
 )
 
 
+#: Pieces generated paths are made of: real and encoded slashes and dots,
+#: the names the locations use, escapes nginx decodes or refuses.
+PIECES = [b"/", b"/", b"//", b".", b"..", b"%2e", b"%2E", b"%2f", b"%2F", b"%25", b"%3F", b"%23", b"%20"]
+PIECES += [b"docs", b"api", b"static", b"exact", b"x", b"y", b"z", b"a", b"b", b"c", b".php", b".PNG", b"%41"]
+PIECES += [b"+", b"~", b"%c3%a9", b"\xc3\xa9", b"%", b"%0", b"%00", b"%zz", b"?", b"?x=%2e&y", b"#f"]
+
+
+#: Where generated paths start: the locations' names, and near misses.
+STARTS = [b"/", b"/docs/", b"/docs/api/", b"/static/", b"/x/y/", b"/exact", b"/only/", b"/ws", b"/both", b"/p/", b"/q"]
+
+
+def generatedPaths(seed: int, count: int) -> list[bytes]:
+    """C{count} paths of 0 to 7 L{PIECES} after one of L{STARTS}, the same for the same C{seed}."""
+    generator = random.Random(seed)
+    return [
+        generator.choice(STARTS) + b"".join(generator.choices(PIECES, k=generator.randint(0, 7))) for _ in range(count)
+    ]
+
+
 @dataclass
 class Routed:
     """What the module predicts nginx answers."""
@@ -618,6 +638,13 @@ def test_locations_and_uri_normalisation_agree_with_nginx(nginx, model):
     requests = [(host, path) for host, path in itertools.product([b"loc.test", b"noroot.test"], PATHS)]
     assert disagreements(nginx, model, requests) == []
     assert observed(nginx.request(b"/docs/guide/12", b"loc.test")).location == "loc-7"
+
+
+def test_generated_paths_agree_with_nginx(nginx, model):
+    """Random mixes of encoded and dot segments, on every server with locations; 1200 requests."""
+    hosts = [b"loc.test", b"noroot.test", b"redir.test", b"pass.test"]
+    requests = [(host, path) for host, path in zip(itertools.cycle(hosts), generatedPaths(2026, 1200))]
+    assert disagreements(nginx, model, requests) == []
 
 
 def test_auto_redirect_to_a_proxied_location_with_a_slash(nginx, model):
