@@ -49,6 +49,12 @@ T = TypeVar("T")
 #: C{"#%<>?\\^`{|}}, DEL and everything above ASCII.
 _UNSAFE = re.compile(rb'[\x00-\x20"#%<>?\\^`{|}\x7f-\xff]')
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})?")
+#: What makes a path complex (C{isComplexPath}), and what is left to do once it is decoded.
+#: (A regex rather than C{in}: C{bytes.__contains__} first tries its argument as an integer.)
+_COMPLEX = re.compile(rb"%|/[/.]").search
+_SEGMENTS_TO_RESOLVE = re.compile(rb"/[/.]").search
+#: A host that is already its own C{$host}: lowercase labels, no port, no trailing dot.
+_PLAIN_HOST = re.compile(rb"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*").fullmatch
 #: PCRE's C{(?<name>...)}, which Python spells C{(?P<name>...)}; an escaped
 #: parenthesis is left alone.
 _PCRE_NAMED_GROUP = re.compile(r"(?<!\\)((?:\\\\)*)\(\?<(?=[A-Za-z_])")
@@ -69,9 +75,9 @@ def normalizeHost(host: bytes) -> bytes:
         refuses: two dots in a row, a C{/} or a NUL, or nothing left
         (C{":80"}, C{"."}).
     """
-    if not host:
+    if not host or _PLAIN_HOST(host) is not None:
         return host
-    if b".." in host or b"/" in host or b"\0" in host:
+    if host.find(b"..") >= 0 or host.find(b"/") >= 0 or host.find(b"\0") >= 0:
         raise HTTPError(400, "invalid Host header")
     if host[0:1] == b"[":
         end = host.find(b"]")
@@ -380,7 +386,7 @@ def isComplexPath(path: bytes) -> bool:
     C{complex_uri} or C{quoted_uri}): it holds a C{%}, C{//} or C{/.}.  Any
     other path is its own L{normalizePath}.
     """
-    return b"%" in path or b"//" in path or b"/." in path
+    return _COMPLEX(path) is not None
 
 
 def isQuotedPath(path: bytes) -> bool:
@@ -389,7 +395,7 @@ def isQuotedPath(path: bytes) -> bool:
     a C{%}.  Then C{proxy_pass} with a URI sends the rest of the path
     L{escapeURI}d (the C{quoted} argument of L{replaceURI}).
     """
-    return b"%" in path
+    return path.find(b"%") >= 0
 
 
 def splitTarget(target: bytes) -> tuple[bytes, bytes]:
@@ -398,7 +404,7 @@ def splitTarget(target: bytes) -> tuple[bytes, bytes]:
     follows the first C{?}, without it (C{b""} if none); a fragment is
     dropped.
     """
-    if b"#" in target:
+    if target.find(b"#") >= 0:
         target = target.partition(b"#")[0]
     path, _, args = target.partition(b"?")
     return path, args
@@ -430,12 +436,12 @@ def normalizePath(path: bytes) -> bytes:
     """
     if path[:1] != b"/":
         raise HTTPError(400, "the request path does not start with /")
-    if b"%" in path:
+    if _COMPLEX(path) is None:
+        return path
+    if path.find(b"%") >= 0:
         path = _ESCAPE.sub(_decode, path)
-    elif b"//" not in path and b"/." not in path:
-        return path
-    if b"//" not in path and b"/." not in path:
-        return path
+        if _SEGMENTS_TO_RESOLVE(path) is None:
+            return path
     segments = path.split(b"/")
     kept: list[bytes] = []
     for segment in segments[1:]:
