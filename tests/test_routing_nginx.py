@@ -48,12 +48,17 @@ UPSTREAM = "upstream"
 
 @dataclass
 class Location:
-    """One C{location}: its argument, and C{proxy_pass} (C{""} when it answers itself)."""
+    """
+    One C{location}: its argument, and its C{proxy_pass} URI part (C{""}
+    for a C{proxy_pass} without one, C{None} for a location that answers
+    C{"<id> $uri"} itself).
+    """
 
     text: str
     proxy: str | None = None
 
     def directives(self, ident: str, prefix: Path) -> str:
+        """The block's body: C{X-Location: <id>} on every answer, and the answer."""
         if self.proxy is None:
             answer = f'return 200 "{ident} $uri";'
         else:
@@ -71,9 +76,11 @@ class Server:
     locations: list[Location] = field(default_factory=lambda: [Location("/")])
 
     def locationIds(self) -> list[str]:
+        """C{<server id>-<index>} for each location, in file order."""
         return [f"{self.ident}-{index}" for index in range(len(self.locations))]
 
     def compiled(self) -> Locations[tuple[str, Location]]:
+        """The locations for L{wsproxy.routing}: nginx redirects to a proxied one whose name ends with C{/}."""
         entries = []
         for ident, location in zip(self.locationIds(), self.locations, strict=True):
             _, pattern = parseLocationMatch(location.text)
@@ -148,6 +155,8 @@ def checkConfiguration(prefix: Path, text: str) -> str:
 
 @dataclass
 class Response:
+    """What nginx answered."""
+
     status: int
     headers: dict[bytes, bytes]
     body: bytes

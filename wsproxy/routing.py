@@ -209,7 +209,7 @@ def _serverNameForm(name: str) -> tuple[str, str]:
     lower = name.lower()
     if len(lower) > 1 and lower[0] == ".":
         if "*" in lower:
-            # nginx would read ".example.*" as ".example" plus a literal "*".
+            # nginx would take ".example.*" for the special form, with a last label "*" no host has.
             raise RoutingError(f'invalid server name or wildcard "{name}"')
         return "both", lower[1:]
     if len(lower) > 2 and lower[:2] == "*.":
@@ -265,10 +265,11 @@ class LocationMatch(Generic[T]):
         with a URI replaces (L{replaceURI}); C{None} for a regex.
     @ivar captures: a regex location's groups, nginx's C{$1}..C{$9} (C{None}
         for a group that did not take part); C{()} otherwise.
-    @ivar redirectSlash: nginx answers C{301} with C{Location: <prefix>}
-        (plus C{?args}) instead of serving the request: the path was the
-        location's name without its final C{/}, and the location is
-        proxied (see L{Locations.lookup}).
+    @ivar redirectSlash: nginx answers C{301} instead of serving the
+        request, with a C{Location} of L{escapeURI}C{(prefix)} plus
+        C{?args} if there are any: the path was the location's name without
+        its final C{/}, and the location is proxied (see
+        L{Locations.lookup}).
     """
 
     value: T
@@ -411,6 +412,7 @@ def splitTarget(target: bytes) -> tuple[bytes, bytes]:
 
 
 def _decode(match: re.Match[bytes]) -> bytes:
+    """One %-escape of a request path, decoded; nginx refuses a bad one and an encoded NUL."""
     digits = match.group(1)
     if digits is None:
         raise HTTPError(400, "a bad %-escape in the request path")
