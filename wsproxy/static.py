@@ -90,7 +90,6 @@ _TYPES = {
     "bin": "application/octet-stream",
     "exe": "application/octet-stream",
     "iso": "application/octet-stream",
-    "gz": "application/octet-stream",
 }
 _BUILT_IN = mimetypes.MimeTypes()
 _DEFAULT_TYPE = b"application/octet-stream"
@@ -112,7 +111,7 @@ def contentType(name: str) -> bytes:
     The C{Content-Type} for a file called C{name}, from its extension
     (case-insensitive, as nginx matches them).
     """
-    base, dot, extension = name.rpartition(".")
+    _, dot, extension = name.rpartition(".")
     if not dot:
         return _DEFAULT_TYPE
     extension = extension.lower()
@@ -172,7 +171,7 @@ class StaticFiles:
         self.locationPrefix = locationPrefix
         self.index = index
         self.disableSymlinks = disableSymlinks
-        self._directory = os.fsencode(root.rstrip("/") if root is not None else alias)  # type: ignore[union-attr]
+        self._directory = os.fsencode(root.rstrip("/") if root is not None else str(alias))
         self.base = os.path.normpath(os.fsdecode(self._directory) or "/")
 
     def filePath(self, uri: bytes) -> Path:
