@@ -83,7 +83,12 @@ class LocationSettings(ListenerSettings):
         self.files: StaticFiles | None = None
         if block.root is not None or block.alias is not None:
             self.files = StaticFiles(block.root, block.alias, self.prefix, block.index, block.disable_symlinks)
-        self.tryFiles = tuple(compileTemplate(entry) for entry in block.try_files[:-1])
+        # An entry ending in "/" tests for a directory, and is then served
+        # without that slash (nginx decides this from the entry as written).
+        self.tryFiles = tuple(
+            (compileTemplate(entry[:-1] if entry.endswith("/") else entry), entry.endswith("/"))
+            for entry in block.try_files[:-1]
+        )
         self.fallback = block.try_files[-1] if block.try_files else None
         self.returnStatus = 0
         self.returnText: Any = None
@@ -304,15 +309,10 @@ class _Routing:
         files = location.files
         if files is not None:
             context = self._context(location)
-            for entry in location.tryFiles:
-                candidate = entry.expand(context)
-                # "$uri/" asks for a directory, which is then served as
-                # "$uri" (nginx drops the slash it tested with).
-                directory = candidate.endswith(b"/")
-                if directory:
-                    candidate = candidate[:-1]
-                if files.exists(candidate or b"/", directory=directory):
-                    return self._file(location, candidate or b"/")
+            for entry, directory in location.tryFiles:
+                candidate = entry.expand(context) or b"/"
+                if files.exists(candidate, directory=directory):
+                    return self._file(location, candidate)
         fallback = location.fallback
         assert fallback is not None
         if fallback.startswith("="):
@@ -450,9 +450,9 @@ def absoluteURL(loop: RequestLoop, scheme: bytes, host: bytes, path: bytes) -> b
 
 
 def _replaceURI(uri: bytes, args: bytes, prefix: bytes, replacement: bytes, raw: bytes) -> bytes:
-    from .routing import isComplexPath, replaceURI
+    from .routing import isQuotedPath, replaceURI
 
-    return replaceURI(uri, args, prefix, replacement, isComplexPath(splitTarget(raw)[0]))
+    return replaceURI(uri, args, prefix, replacement, isQuotedPath(splitTarget(raw)[0]))
 
 
 def routingTable(config: Config) -> str:
