@@ -77,5 +77,8 @@ class IRequestLoop(Interface):
     def exchangeAborted() -> None:
         """The response was cut short; the client must see the connection close."""
 
-    def switchToTunnel(upstream: Any, fromUpstream: bytes, logFields: dict[str, Any]) -> None:
-        """The upstream granted an upgrade: hand both connections to a tunnel."""
+    def switchToTunnel(upstream: Any, fromUpstream: bytes, logFields: dict[str, Any], lease: Any = None) -> None:
+        """
+        The upstream granted an upgrade: hand both connections to a tunnel,
+        which holds the server's L{wsproxy.upstream.Lease} until it ends.
+        """

@@ -155,7 +155,9 @@ def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool]
     Build the upstream pools and TLS contexts of C{config} and check every
     C{listen} string, without binding or changing anything.
 
-    @param keep: pools in use; one whose upstream is unchanged is reused.
+    @param keep: pools in use; one whose upstream is unchanged is reused,
+        and the servers that stay in a changed one keep their counts and
+        health (L{UpstreamPool.adopt}).
 
     @raise ConfigError: naming the key of the first thing that fails.
     """
@@ -169,6 +171,8 @@ def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool]
             pools[name] = UpstreamPool(upstream, reactor, upstreamTLSOptions(upstream))
         except TLSConfigError as e:
             raise _tlsError(config.source, None, e) from None
+        if old is not None:
+            pools[name].adopt(old)
     tls: list[PreparedTLS | None] = []
     for index, block in enumerate(config.servers):
         parseListen(reactor, config.source, index, block.listen)
@@ -355,7 +359,7 @@ class ProxyService(MultiService):
         self.pools = dict(prepared.pools)
         self.config = config
         for pool in retired:
-            pool.retire()
+            pool.retire(self.pools.get(pool.name))
         log.info("configuration reloaded from {source}", source=config.source)
 
     def stopService(self) -> Deferred:

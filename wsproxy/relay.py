@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import re
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import CancelledError
@@ -42,7 +43,7 @@ from .http import (
 from .interfaces import IExchange, ILegOwner, IRequestLoop
 from .leg import Leg, Unowned
 from .tls import describeTLSFailure
-from .upstream import NoUpstreamAvailable
+from .upstream import Lease, NoUpstreamAvailable, UpstreamsFull, ipHashKey
 
 if TYPE_CHECKING:
     from .server import ListenerSettings
@@ -57,6 +58,8 @@ MAX_RESPONSE_HEAD = 65536
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _RESPONSE_DROP = frozenset({b"content-length"})
 _INTERIM_FORWARDED = (100, 102, 103)
+#: A variable of a C{hash} key: C{$name} or C{${name}}.
+_KEY_VARIABLE = re.compile(rb"\$(?:\{(\w+)\}|(\w+))")
 
 
 class UpstreamLeg(Leg):
@@ -118,6 +121,8 @@ class Exchange:
         the request is left to send once the head is (true from the start
         for a request without a body).
     @ivar reused: whether the upstream connection came from the pool.
+    @ivar lease: this exchange's hold on its server, handed to the tunnel
+        after an upgrade.
     """
 
     def __init__(self, loop: IRequestLoop, request: RequestHead, settings: ListenerSettings) -> None:
@@ -131,6 +136,8 @@ class Exchange:
         self.upstream: UpstreamLeg | None = None
         self.server: Any = None
         self.reused = False
+        self.lease = Lease()
+        self._stickyFrom: bytes | None = None
         self.requestSent = not (request.chunked or request.bodyLength)
         self.status = 0
         self.bytesIn = 0
@@ -158,7 +165,15 @@ class Exchange:
     def _connect(self, reuse: bool) -> None:
         self.state = _CONNECTING
         pool = self.settings.pool
-        order = pool.pickOrder()
+        sticky = pool.upstream.sticky_cookie
+        if sticky is not None:
+            self._stickyFrom = self._cookie(sticky.encode("ascii"))
+        try:
+            order = pool.pickOrder(self._balanceKey(), self._stickyFrom)
+        except NoUpstreamAvailable:
+            self._connectFailed(Failure())
+            return
+        self.lease.hold(order[0])
         if reuse:
             leg = pool.takeIdle(order[0])
             if leg is not None:
@@ -167,10 +182,65 @@ class Exchange:
                 except Exception:
                     self._connectFailed(Failure())
                 return
-        connecting = pool.connectInOrder(order, self._newLeg, self.settings.block.proxy_connect_timeout)
+        connecting = pool.connectInOrder(order, self._newLeg, self.settings.block.proxy_connect_timeout, self.lease)
         self._connecting = connecting
         connecting.addCallback(self._connected)
         connecting.addErrback(self._connectFailed)
+
+    def _balanceKey(self) -> bytes | None:
+        """
+        The hash key for C{balance = "ip_hash"} or C{"hash"}, else C{None}.
+
+        A stand-in until C{wsproxy.variables} is merged: a C{hash} template
+        may use only C{$remote_addr}, C{$request_uri}, C{$cookie_NAME},
+        C{$http_NAME} and C{$arg_NAME}; any other variable is empty.
+        """
+        upstream = self.settings.pool.upstream
+        if upstream.balance == "ip_hash":
+            return ipHashKey(self.client.clientAddress)
+        if upstream.balance != "hash":
+            return None
+        request = self.request
+
+        def expand(match: re.Match[bytes]) -> bytes:
+            name = (match.group(1) or match.group(2)).lower()
+            if name == b"remote_addr":
+                return self.client.clientAddress.encode("ascii")
+            if name == b"request_uri":
+                return request.path
+            kind, _, rest = name.partition(b"_")
+            if kind == b"cookie":
+                return self._cookie(rest) or b""
+            if kind == b"http":
+                return b", ".join(request.fields.get(rest.replace(b"_", b"-"), []))
+            if kind == b"arg":
+                for pair in request.path.partition(b"?")[2].split(b"&"):
+                    argument, _, value = pair.partition(b"=")
+                    if argument.lower() == rest:
+                        return value
+            return b""
+
+        return _KEY_VARIABLE.sub(expand, upstream.hash.encode("utf-8"))
+
+    def _cookie(self, name: bytes) -> bytes | None:
+        """The value of the request's cookie C{name} (case-insensitive, as nginx's C{$cookie_NAME})."""
+        name = name.lower()
+        for header in self.request.fields.get(b"cookie", []):
+            for pair in header.split(b";"):
+                cookie, _, value = pair.strip().partition(b"=")
+                if cookie.lower() == name:
+                    return value
+        return None
+
+    def _stickyLines(self) -> list[bytes]:
+        """The C{Set-Cookie} that pins the client to its server, unless the request already named it."""
+        name = self.settings.pool.upstream.sticky_cookie
+        if name is None or self.server is None:
+            return []
+        value = self.server.id.encode("ascii")
+        if value == self._stickyFrom:
+            return []
+        return [b"Set-Cookie: %b=%b; Path=/; HttpOnly" % (name.encode("ascii"), value)]
 
     def _newLeg(self) -> UpstreamLeg:
         return UpstreamLeg(self.clock)
@@ -198,7 +268,10 @@ class Exchange:
         self._connecting = None
         if failure.check(CancelledError, ConnectingCancelledError):
             return
-        if failure.check(NoUpstreamAvailable):
+        if failure.check(UpstreamsFull):
+            log.warn("{client} {method} {target}: {why}", why=failure.getErrorMessage(), **self._logFields())
+            self.fail(503, "every upstream server is at its connection limit")
+        elif failure.check(NoUpstreamAvailable):
             log.error("{client} {method} {target}: {why}", why=failure.getErrorMessage(), **self._logFields())
             self.fail(502, "no upstream server could be reached")
         else:
@@ -363,6 +436,7 @@ class Exchange:
             framing.append(b"Connection: close")
         elif not http11:
             framing.append(b"Connection: keep-alive")
+        framing.extend(self._stickyLines())
         self._emit(self._responseHeadBytes(head, framing))
         self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseBodyStalled)
 
@@ -429,12 +503,13 @@ class Exchange:
                 return
         self.status = 101
         self.state = _SWITCHED
-        self._emit(self._responseHeadBytes(head, [b"Upgrade: " + request.upgrade, b"Connection: Upgrade"]))
+        switched = [b"Upgrade: " + request.upgrade, b"Connection: Upgrade", *self._stickyLines()]
+        self._emit(self._responseHeadBytes(head, switched))
         self._flush()
         upstream = self.upstream
         upstream.cancelTimer()
         upstream.sendTimeout = self.settings.block.send_timeout
-        self.loop.switchToTunnel(upstream, early, self._logFields())
+        self.loop.switchToTunnel(upstream, early, self._logFields(), self.lease)
 
     # Endings
 
@@ -539,6 +614,7 @@ class Exchange:
         the pool has room) and log the exchange.
         """
         self.state = _DONE
+        self.lease.release()
         if status is not None:
             self.status = status
         if self._connecting is not None:

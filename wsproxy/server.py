@@ -232,15 +232,15 @@ class RequestLoop:
         self.exchange = None
         self.leg.close()
 
-    def switchToTunnel(self, upstream: Leg, fromUpstream: bytes, logFields: dict[str, Any]) -> None:
-        """The upstream granted the upgrade: hand both connections to a tunnel."""
+    def switchToTunnel(self, upstream: Leg, fromUpstream: bytes, logFields: dict[str, Any], lease: Any = None) -> None:
+        """The upstream granted the upgrade: hand both connections, and the server's lease, to a tunnel."""
         self.exchange = None
         leg = self.leg
         leg.cancelTimer()
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
         leg.loop = None  # nothing of the HTTP layer stays with a tunnel
-        Tunnel(leg, upstream, self.settings, logFields).start(early, fromUpstream)
+        Tunnel(leg, upstream, self.settings, logFields, lease).start(early, fromUpstream)
 
     # What the leg tells the loop
 
