@@ -28,6 +28,8 @@ from support import (
 )
 from twisted.internet import reactor
 
+from wsproxy import parseConfig
+
 
 class Upstream:
     """A scripted server that answers requests with its name and grants upgrades; knows what it got."""
@@ -278,3 +280,23 @@ async def test_counts_return_to_zero_however_an_exchange_or_a_tunnel_ends(cleanu
             next(c for c in factory.connections if c.switched and c.transport.connected).transport.loseConnection()
         await tunnel.closed
         assert await until(lambda: idle(proxy)), f"a tunnel closed by the {closer}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reload_that_changes_the_upstream_keeps_the_counts_of_the_servers_that_stay(cleanup):
+    a, b, c = three(cleanup)
+    proxy = await proxyOver(cleanup, [a, b], balance="least_conn")
+    tunnels = await openTunnels(proxy.ports[0], [b"/ws"] * 2)
+    old = proxy.pools["app"]
+    servers = [f"{LOOPBACK}:{a.number} weight=2", f"{LOOPBACK}:{c.number}"]
+    block = {"listen": proxy.config.servers[0].listen, "proxy_pass": "http://app", "access_log": False}
+    proxy.reload(parseConfig({"upstream": {"app": {"servers": servers}}, "server": [block]}, source="(test)"))
+    new = proxy.pools["app"]
+    assert new is not old and old.retired
+    assert [(s.address, s.tunnels, s.state.value) for s in new.snapshot()] == [
+        (f"{LOOPBACK}:{a.number}", 1, "up"),
+        (f"{LOOPBACK}:{c.number}", 0, "up"),
+    ]
+    assert old.snapshot()[1].state.value == "draining"
+    await closeAll(tunnels)
+    assert await until(lambda: idle(proxy) and all(s.tunnels == 0 for s in old.snapshot()))
