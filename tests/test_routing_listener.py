@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
+from support import ENVIRONMENT, KEY, LOOPBACK, TWISTD, RawClient, listenScripted, switching, upgradeRequest
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
@@ -24,8 +25,6 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from wsproxy import parseConfig
 from wsproxy.config import ConfigError
 from wsproxy.listeners import ProxyService
-
-from support import ENVIRONMENT, LOOPBACK, TWISTD, KEY, RawClient, listenScripted, switching, upgradeRequest
 
 NAMED = re.compile(rb"X-Upstream: (\w+)")
 
@@ -111,7 +110,9 @@ class Site:
     async def connect(self, sni: str = "localhost") -> RawClient:
         endpoint: Any = TCP4ClientEndpoint(reactor, LOOPBACK, self.port)
         if self.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(sni, trustRoot=Certificate.loadPEM(self.ca.cert_pem.bytes())), endpoint)
+            endpoint = wrapClientTLS(
+                optionsForClientTLS(sni, trustRoot=Certificate.loadPEM(self.ca.cert_pem.bytes())), endpoint
+            )
         client = await connectProtocol(endpoint, RawClient())
         self.clients.append(client)
         return client
@@ -473,5 +474,7 @@ async def test_reload_changes_locations_and_open_tunnels_keep_running(site):
     connection = site.upstreams["chat"].connections[0]
     from support import until
 
-    assert await until(lambda: connection.received.endswith(b"\x81\x85abcd" + bytes(a ^ b for a, b in zip(b"hello", b"abcdabcd"))))
+    assert await until(
+        lambda: connection.received.endswith(b"\x81\x85abcd" + bytes(a ^ b for a, b in zip(b"hello", b"abcdabcd")))
+    )
     assert not tunnel.closed.called

@@ -16,7 +16,6 @@ deliberately differs (421 on a mismatch) are in test_routing_listener.
 
 from __future__ import annotations
 
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,6 +25,7 @@ import pytest
 import pytest_twisted
 import trustme
 from OpenSSL import SSL
+from support import RawClient, listenScripted, switching, until
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -33,8 +33,6 @@ from zope.interface import implementer
 
 from wsproxy import parseConfig
 from wsproxy.listeners import ProxyService
-
-from support import RawClient, listenScripted, switching, until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 

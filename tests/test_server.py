@@ -734,10 +734,10 @@ def test_a_101_that_was_not_asked_for_is_502():
 
 
 def test_an_exception_while_sending_the_request_head_is_502_and_nothing_hangs(monkeypatch):
-    def broken(self: Exchange) -> bytes:
+    def broken(self: Exchange) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(Exchange, "_requestHead", broken)
+    monkeypatch.setattr(Exchange, "_awaitResponseHead", broken)
     proxy = Proxy()
     client = proxy.client()
     client.send(GET)

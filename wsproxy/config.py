@@ -48,11 +48,34 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class UpstreamAddress:
-    """One server of an upstream pool: where to connect and how."""
+    """
+    One server of an upstream pool: where to connect and how, and nginx's
+    C{server} parameters.
+
+    @ivar max_fails: this server's own C{max_fails}, or C{None} for the
+        upstream's.
+    @ivar fail_timeout: likewise for C{fail_timeout}.
+    @ivar max_conns: how many requests and tunnels it may have open at
+        once; 0 for no limit.
+    @ivar resolve: the host is a name to re-resolve while running (DNS
+        discovery); here only recorded.
+    """
 
     host: str
     port: int
     tls: bool = False
+    weight: int = 1
+    max_fails: int | None = None
+    fail_timeout: float | None = None
+    backup: bool = False
+    down: bool = False
+    max_conns: int = 0
+    resolve: bool = False
+
+    @property
+    def endpoint(self) -> tuple[str, int, bool]:
+        """Where this server is, without its parameters: what a reload compares."""
+        return (self.host, self.port, self.tls)
 
     @property
     def isLiteralIP(self) -> bool:
@@ -84,8 +107,15 @@ class Upstream:
     keepalive_timeout: float = 60.0
     proxy_ssl_trusted_certificate: str | None = None
     proxy_ssl_name: str | None = None
+    balance: str = "round_robin"
+    hash: str | None = None
+    sticky_cookie: str | None = None
     #: Made for a C{proxy_pass} URL, not written as an C{[upstream.NAME]}.
     implicit: bool = False
+
+
+#: The values of C{balance}.
+BALANCE_POLICIES = ("round_robin", "least_conn", "random_two", "ip_hash", "hash")
 
 
 @dataclass(frozen=True)
@@ -321,10 +351,14 @@ def _kindName(kinds: tuple[type, ...]) -> str:
 def parseUpstreamAddress(text: str) -> UpstreamAddress:
     """
     Parse C{"host:port"}, C{"[v6]:port"}, C{"http://host:port"} or
-    C{"https://host:port"}.
+    C{"https://host:port"}, followed by nginx's C{server} parameters
+    (C{"10.0.0.2:8080 weight=3 max_conns=500"}, see L{UpstreamAddress}).
 
-    @raise ValueError: if C{text} is none of those.
+    @raise ValueError: if C{text} is none of those, or a parameter is
+        unknown or has a bad value.
     """
+    text, *parameters = text.split()
+    values = dict(_serverParameter(parameter) for parameter in parameters)
     tls = False
     defaultPort: int | None = None
     for scheme, isTLS, schemePort in (("https://", True, 443), ("http://", False, 80)):
@@ -348,24 +382,91 @@ def parseUpstreamAddress(text: str) -> UpstreamAddress:
         port = int(portText)
     else:
         raise ValueError(f"bad port in {text!r}")
-    return UpstreamAddress(host.lower(), port, tls)
+    return UpstreamAddress(host.lower(), port, tls, **values)
+
+
+_FLAG_PARAMETERS = ("backup", "down", "resolve")
+_COUNT_PARAMETERS = {"weight": 1, "max_fails": 0, "max_conns": 0}
+
+
+def _serverParameter(text: str) -> tuple[str, Any]:
+    """One nginx C{server} parameter (C{"weight=3"}, C{"backup"}) as a field of L{UpstreamAddress}."""
+    name, equals, value = text.partition("=")
+    if name in _FLAG_PARAMETERS and not equals:
+        return name, True
+    if name in _COUNT_PARAMETERS and equals:
+        if not value.isdigit() or int(value) < _COUNT_PARAMETERS[name]:
+            raise ValueError(f"bad value in server parameter {text!r}")
+        return name, int(value)
+    if name == "fail_timeout" and equals:
+        match = _TIME.match(value)
+        if match is None:
+            raise ValueError(f"bad duration in server parameter {text!r}")
+        return name, float(match.group(1)) * _TIME_UNITS[match.group(2)]
+    raise ValueError(f"unknown server parameter {text!r}")
+
+
+def _readServerAddresses(reader: _Reader) -> list[UpstreamAddress]:
+    """
+    C{servers}: strings (C{"host:port weight=3 backup"}) or tables
+    (C{{ address = "host:port", weight = 3, backup = true }}).
+    """
+    servers = reader.get("servers", (list, str), None)
+    if isinstance(servers, str):
+        servers = [servers]
+    if not servers:
+        raise reader.fail("servers", "needs at least one server")
+    addresses = []
+    for item in servers:
+        if isinstance(item, dict):
+            item = _serverTableText(reader, item)
+        elif not isinstance(item, str):
+            raise reader.fail("servers", "expected strings or tables")
+        try:
+            address = parseUpstreamAddress(item)
+        except ValueError as e:
+            raise reader.fail("servers", str(e)) from None
+        if reader.table.get("tls") is True:
+            address = replace(address, tls=True)
+        addresses.append(address)
+    return addresses
+
+
+def _serverTableText(reader: _Reader, table: dict[str, Any]) -> str:
+    """The table form of a server, as the string form, so that one parser checks both."""
+    address = table.get("address")
+    if not isinstance(address, str):
+        raise reader.fail("servers", 'a server table needs address = "host:port"')
+    words = [address]
+    for name, value in table.items():
+        if name == "address":
+            continue
+        if isinstance(value, bool) and name in _FLAG_PARAMETERS:
+            words.extend([name] if value else [])
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool) and name not in _FLAG_PARAMETERS:
+            words.append(f"{name}={value}")
+        else:
+            raise reader.fail("servers", f"unknown server parameter {name!r} or bad value {value!r}")
+    return " ".join(words)
 
 
 def _readUpstream(source: str, name: str, table: Any) -> Upstream:
     reader = _Reader(source, f"upstream.{name}", table)
-    servers = reader.strings("servers")
-    if not servers:
-        raise reader.fail("servers", "needs at least one server")
-    addresses = []
-    for text in servers:
-        try:
-            address = parseUpstreamAddress(text)
-        except ValueError as e:
-            raise reader.fail("servers", str(e)) from None
-        if reader.table.get("tls") is True:
-            address = UpstreamAddress(address.host, address.port, True)
-        addresses.append(address)
+    addresses = _readServerAddresses(reader)
+    if all(address.backup for address in addresses):
+        raise reader.fail("servers", "needs at least one server that is not a backup")
     reader.get("tls", bool)
+    balance = reader.get("balance", str, "round_robin")
+    if balance not in BALANCE_POLICIES:
+        raise reader.fail("balance", f"unknown policy {balance!r} (use {', '.join(BALANCE_POLICIES)})")
+    hashKey = reader.get("hash", str)
+    if (balance == "hash") != bool(hashKey):
+        raise reader.fail("hash", 'is required with balance = "hash", and only with it')
+    if hashKey:
+        _checkTemplate(reader, "hash", hashKey)
+    sticky = reader.get("sticky_cookie", str)
+    if sticky is not None and not _HEADER_NAME.match(sticky):
+        raise reader.fail("sticky_cookie", f"not a cookie name: {sticky!r}")
     trusted = reader.get("proxy_ssl_trusted_certificate", str)
     if trusted is not None and not Path(trusted).is_file():
         raise reader.fail("proxy_ssl_trusted_certificate", f"cannot read {trusted!r}")
@@ -378,6 +479,9 @@ def _readUpstream(source: str, name: str, table: Any) -> Upstream:
         keepalive_timeout=reader.seconds("keepalive_timeout", 60.0),
         proxy_ssl_trusted_certificate=trusted,
         proxy_ssl_name=reader.get("proxy_ssl_name", str),
+        balance=balance,
+        hash=hashKey,
+        sticky_cookie=sticky,
     )
     reader.finish()
     return upstream
@@ -443,7 +547,9 @@ def _readServer(source: str, index: int, table: Any, upstreams: dict[str, Upstre
             raise reader.fail("return", "cannot be combined with proxy_pass")
     _readRequestKeys(reader, values, {}, upstreams, location=None)
     if not locationTables and not any(values.get(key) for key in ("proxy_pass", "return_", "root", "try_files")):
-        raise reader.fail("proxy_pass", 'is required (or give return = "308 https://...", root, or [[server.location]])')
+        raise reader.fail(
+            "proxy_pass", 'is required (or give return = "308 https://...", root, or [[server.location]])'
+        )
     root = reader.get("acme_challenge_root", str)
     if root is not None:
         if values.get("return_") is None:
@@ -505,7 +611,9 @@ def _readLocation(
     """
     match = reader.get("match", str)
     if match is None:
-        raise reader.fail("match", 'is required: nginx\'s location argument, such as "/ws/", "= /old", "~* \\.png$" or "@app"')
+        raise reader.fail(
+            "match", 'is required: nginx\'s location argument, such as "/ws/", "= /old", "~* \\.png$" or "@app"'
+        )
     for key in reader.table:
         if key in _SERVER_ONLY:
             raise reader.fail(key, "belongs to the [[server]], not to a location")
@@ -577,7 +685,9 @@ def _readRequestKeys(
     tryFiles = reader.strings("try_files")
     if tryFiles:
         if len(tryFiles) < 2:
-            raise reader.fail("try_files", 'needs at least two entries: files to try, then a fallback ("=404", "@name" or a URI)')
+            raise reader.fail(
+                "try_files", 'needs at least two entries: files to try, then a fallback ("=404", "@name" or a URI)'
+            )
         values["try_files"] = tryFiles
     if location is not None:
         values["internal"] = reader.get("internal", bool, False)
@@ -626,7 +736,11 @@ def _errorPages(reader: _Reader, inherited: tuple[tuple[int, str], ...]) -> tupl
         answer = target.split()
         if answer[0].startswith("=") and not re.fullmatch(r"=(\d{3})?", answer[0]):
             raise reader.fail(f"error_page.{codes}", f"bad response code {answer[0]!r} (use =200 or =)")
-        if not answer[-1].startswith(("/", "@")) or len(answer) > 2 or (len(answer) == 2 and not answer[0].startswith("=")):
+        if (
+            not answer[-1].startswith(("/", "@"))
+            or len(answer) > 2
+            or (len(answer) == 2 and not answer[0].startswith("="))
+        ):
             raise reader.fail(f"error_page.{codes}", 'expected "/uri", "@name" or "=CODE /uri"')
         for code in codes.split():
             if not code.isdigit() or not 300 <= int(code) <= 599:
@@ -685,7 +799,9 @@ def _proxyPass(
     """
     scheme = next((s for s in ("http://", "https://") if text.startswith(s)), None)
     if scheme is None:
-        raise reader.fail("proxy_pass", f'expected "http://UPSTREAM" or a URL such as "http://127.0.0.1:8080", got {text!r}')
+        raise reader.fail(
+            "proxy_pass", f'expected "http://UPSTREAM" or a URL such as "http://127.0.0.1:8080", got {text!r}'
+        )
     authority, slash, path = text[len(scheme) :].partition("/")
     uri = slash + path if slash else None
     if uri is not None and ("?" in uri or "#" in uri or not re.fullmatch(r"[\x21-\x7e]*", uri)):

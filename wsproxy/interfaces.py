@@ -80,5 +80,11 @@ class IRequestLoop(Interface):
     def replaceExchange(exchange: Any) -> None:
         """Another exchange answers the request instead (an C{error_page}); start it."""
 
-    def switchToTunnel(upstream: Any, fromUpstream: bytes, logFields: dict[str, Any], settings: Any = None) -> None:
-        """The upstream granted an upgrade: hand both connections to a tunnel run under C{settings}."""
+    def switchToTunnel(
+        upstream: Any, fromUpstream: bytes, logFields: dict[str, Any], settings: Any = None, lease: Any = None
+    ) -> None:
+        """
+        The upstream granted an upgrade: hand both connections to a tunnel
+        run under C{settings} (the location's), which holds the server's
+        L{wsproxy.upstream.Lease} until it ends.
+        """

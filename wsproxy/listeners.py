@@ -159,7 +159,9 @@ def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool]
     Build the upstream pools and TLS contexts of C{config} and check every
     C{listen} string, without binding or changing anything.
 
-    @param keep: pools in use; one whose upstream is unchanged is reused.
+    @param keep: pools in use; one whose upstream is unchanged is reused,
+        and the servers that stay in a changed one keep their counts and
+        health (L{UpstreamPool.adopt}).
 
     @raise ConfigError: naming the key of the first thing that fails.
     """
@@ -173,6 +175,8 @@ def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool]
             pools[name] = UpstreamPool(upstream, reactor, upstreamTLSOptions(upstream))
         except TLSConfigError as e:
             raise _tlsError(config.source, None, e) from None
+        if old is not None:
+            pools[name].adopt(old)
     perBlock: dict[int, PreparedTLS] = {}
     for index, block in enumerate(config.servers):
         for listen in block.listens or (block.listen,):
@@ -360,7 +364,7 @@ class ProxyService(MultiService):
         self.pools = dict(prepared.pools)
         self.config = config
         for pool in retired:
-            pool.retire()
+            pool.retire(self.pools.get(pool.name))
         log.info("configuration reloaded from {source}", source=config.source)
 
     def stopService(self) -> Deferred:

@@ -43,7 +43,7 @@ from .http import (
 from .interfaces import IExchange, ILegOwner, IRequestLoop
 from .leg import Leg, Unowned
 from .tls import describeTLSFailure
-from .upstream import NoUpstreamAvailable
+from .upstream import Lease, NoUpstreamAvailable, UpstreamsFull, ipHashKey
 from .variables import headerValueOK
 
 if TYPE_CHECKING:
@@ -155,6 +155,8 @@ class Exchange:
         the request is left to send once the head is (true from the start
         for a request without a body).
     @ivar reused: whether the upstream connection came from the pool.
+    @ivar lease: this exchange's hold on its server, handed to the tunnel
+        after an upgrade.
     """
 
     def __init__(self, loop: IRequestLoop, request: RequestHead, settings: ListenerSettings) -> None:
@@ -168,6 +170,8 @@ class Exchange:
         self.upstream: UpstreamLeg | None = None
         self.server: Any = None
         self.reused = False
+        self.lease = Lease()
+        self._stickyFrom: bytes | None = None
         self.requestSent = not (request.chunked or request.bodyLength)
         self.status = 0
         self.bytesIn = 0
@@ -201,12 +205,24 @@ class Exchange:
         except HTTPError as e:
             self.fail(e.status, e.message)
             return
+        except Exception:
+            log.failure("{client} {method} {target}: building the request head failed", **self._logFields())
+            self.fail(500, "the request could not be forwarded")
+            return
         self._connect(reuse=True)
 
     def _connect(self, reuse: bool) -> None:
         self.state = _CONNECTING
         pool = self.settings.pool
-        order = pool.pickOrder()
+        sticky = pool.upstream.sticky_cookie
+        if sticky is not None:
+            self._stickyFrom = self._cookie(sticky.encode("ascii"))
+        try:
+            order = pool.pickOrder(self._balanceKey(), self._stickyFrom)
+        except NoUpstreamAvailable:
+            self._connectFailed(Failure())
+            return
+        self.lease.hold(order[0])
         if reuse:
             leg = pool.takeIdle(order[0])
             if leg is not None:
@@ -215,10 +231,40 @@ class Exchange:
                 except Exception:
                     self._connectFailed(Failure())
                 return
-        connecting = pool.connectInOrder(order, self._newLeg, self.settings.block.proxy_connect_timeout)
+        connecting = pool.connectInOrder(order, self._newLeg, self.settings.block.proxy_connect_timeout, self.lease)
         self._connecting = connecting
         connecting.addCallback(self._connected)
         connecting.addErrback(self._connectFailed)
+
+    def _balanceKey(self) -> bytes | None:
+        """The hash key for C{balance = "ip_hash"} or C{"hash"}, else C{None}."""
+        pool = self.settings.pool
+        balance = pool.upstream.balance
+        if balance == "ip_hash":
+            return ipHashKey(self.client.clientAddress)
+        if balance != "hash":
+            return None
+        return pool.hashKey.expand(self._variables())
+
+    def _cookie(self, name: bytes) -> bytes | None:
+        """The value of the request's cookie C{name} (case-insensitive, as nginx's C{$cookie_NAME})."""
+        name = name.lower()
+        for header in self.request.fields.get(b"cookie", []):
+            for pair in header.split(b";"):
+                cookie, _, value = pair.strip().partition(b"=")
+                if cookie.lower() == name:
+                    return value
+        return None
+
+    def _stickyLines(self) -> list[bytes]:
+        """The C{Set-Cookie} that pins the client to its server, unless the request already named it."""
+        name = self.settings.pool.upstream.sticky_cookie
+        if name is None or self.server is None:
+            return []
+        value = self.server.id.encode("ascii")
+        if value == self._stickyFrom:
+            return []
+        return [b"Set-Cookie: %b=%b; Path=/; HttpOnly" % (name.encode("ascii"), value)]
 
     def _newLeg(self) -> UpstreamLeg:
         return UpstreamLeg(self.clock)
@@ -246,7 +292,10 @@ class Exchange:
         self._connecting = None
         if failure.check(CancelledError, ConnectingCancelledError):
             return
-        if failure.check(NoUpstreamAvailable):
+        if failure.check(UpstreamsFull):
+            log.warn("{client} {method} {target}: {why}", why=failure.getErrorMessage(), **self._logFields())
+            self.fail(503, "every upstream server is at its connection limit")
+        elif failure.check(NoUpstreamAvailable):
             log.error("{client} {method} {target}: {why}", why=failure.getErrorMessage(), **self._logFields())
             self.fail(502, "no upstream server could be reached")
         else:
@@ -441,6 +490,7 @@ class Exchange:
             framing.append(b"Connection: close")
         elif not http11:
             framing.append(b"Connection: keep-alive")
+        framing.extend(self._stickyLines())
         self._emit(self._responseHeadBytes(head, framing))
         self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseBodyStalled)
 
@@ -451,7 +501,10 @@ class Exchange:
         lines = [b"HTTP/1.1 %d %b" % (status, reason)]
         headers = endToEnd(head.headers, head.connectionTokens, settings.responseDrop)
         if settings.redirects and b"location" in head.fields:
-            headers = [(name, self._rewriteLocation(value) if name.lower() == b"location" else value) for name, value in headers]
+            headers = [
+                (name, self._rewriteLocation(value) if name.lower() == b"location" else value)
+                for name, value in headers
+            ]
         lines.extend(b"%b: %b" % pair for pair in headers)
         lines.extend(framing)
         lines.extend(self.settings.extraHeaderLines)
@@ -466,7 +519,11 @@ class Exchange:
                     from .router import absoluteURL
 
                     request = self.request
-                    host = request.host.rpartition(b":")[0] if request.host and request.host[-1:] != b"]" and b":" in request.host else request.host
+                    host = (
+                        request.host.rpartition(b":")[0]
+                        if request.host and request.host[-1:] != b"]" and b":" in request.host
+                        else request.host
+                    )
                     value = absoluteURL(self.loop, self.settings.scheme, (host or b"").lower(), value)
                 return value
         return value
@@ -527,12 +584,13 @@ class Exchange:
                 return
         self.status = 101
         self.state = _SWITCHED
-        self._emit(self._responseHeadBytes(head, [b"Upgrade: " + request.upgrade, b"Connection: Upgrade"]))
+        switched = [b"Upgrade: " + request.upgrade, b"Connection: Upgrade", *self._stickyLines()]
+        self._emit(self._responseHeadBytes(head, switched))
         self._flush()
         upstream = self.upstream
         upstream.cancelTimer()
         upstream.sendTimeout = self.settings.block.send_timeout
-        self.loop.switchToTunnel(upstream, early, self._logFields(), self.settings)
+        self.loop.switchToTunnel(upstream, early, self._logFields(), self.settings, self.lease)
 
     # Endings
 
@@ -642,6 +700,7 @@ class Exchange:
         the pool has room) and log the exchange.
         """
         self.state = _DONE
+        self.lease.release()
         if status is not None:
             self.status = status
         if self._connecting is not None:

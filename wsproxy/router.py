@@ -76,7 +76,9 @@ class LocationSettings(ListenerSettings):
             for name, value in block.proxy_set_header
         )
         self.setNames = frozenset(lower for lower, _, _ in self.setHeaders)
-        self.responseDrop = frozenset({b"content-length", *(h.lower().encode("ascii") for h in block.proxy_hide_header)})
+        self.responseDrop = frozenset(
+            {b"content-length", *(h.lower().encode("ascii") for h in block.proxy_hide_header)}
+        )
         self.proxyURI = block.proxy_uri.encode("ascii") if block.proxy_uri is not None else None
         self.redirects = self._locationRewrites(block)
         self.errorPages = dict(block.error_page)
@@ -191,7 +193,9 @@ class AddressSettings(ConnectionSettings):
         host = normalizeHost(request.host) if request.host else b""
         vhost = self.names.lookup(host)
         if self.secure and vhost is not self._sniHost(loop):
-            return ErrorAnswer(loop, request, 421, "this connection's TLS name is for another server", vhost.extraHeaders)
+            return ErrorAnswer(
+                loop, request, 421, "this connection's TLS name is for another server", vhost.extraHeaders
+            )
         if vhost.redirect is not None:
             return RedirectAnswer(loop, request, vhost.redirect)
         path, args = splitTarget(request.path)

@@ -256,16 +256,24 @@ class RequestLoop:
         exchange.start()
 
     def switchToTunnel(
-        self, upstream: Leg, fromUpstream: bytes, logFields: dict[str, Any], settings: Any = None
+        self,
+        upstream: Leg,
+        fromUpstream: bytes,
+        logFields: dict[str, Any],
+        settings: Any = None,
+        lease: Any = None,
     ) -> None:
-        """The upgrade was granted: hand both connections to a tunnel run under C{settings} (the location's)."""
+        """
+        The upgrade was granted: hand both connections to a tunnel run under
+        C{settings} (the location's), with the server's lease.
+        """
         self.exchange = None
         leg = self.leg
         leg.cancelTimer()
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
         leg.loop = None  # nothing of the HTTP layer stays with a tunnel
-        Tunnel(leg, upstream, settings or self.settings, logFields).start(early, fromUpstream)
+        Tunnel(leg, upstream, settings or self.settings, logFields, lease).start(early, fromUpstream)
 
     # What the leg tells the loop
 

@@ -407,9 +407,7 @@ class ServerTLS:
         @return: whether the new contexts are in use.
         """
         try:
-            prepared = combineTLS(
-                prepareTLS(block), [prepareTLS(other.block) for other in self._prepared.others]
-            )
+            prepared = combineTLS(prepareTLS(block), [prepareTLS(other.block) for other in self._prepared.others])
         except TLSConfigError as e:
             # Remember what failed, so that a broken renewal is reported once
             # and not every WATCH_INTERVAL; the next change is tried again.

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from .accesslog import logTunnel
 from .interfaces import ILegOwner
+from .upstream import Lease
 
 if TYPE_CHECKING:
     from .leg import Leg
@@ -63,13 +64,22 @@ class Tunnel:
     switch.
     """
 
-    def __init__(self, client: Leg, upstream: Leg, settings: ListenerSettings, logFields: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        client: Leg,
+        upstream: Leg,
+        settings: ListenerSettings,
+        logFields: dict[str, Any],
+        lease: Lease | None = None,
+    ) -> None:
         self.client = client
         self.upstream = upstream
         self.settings = settings
         self.clock = settings.reactor
         self.started = self.clock.seconds()
         self.logFields = logFields
+        self.lease = lease or Lease()
+        self.lease.becomeTunnel()
         self.closed = False
         self._fromClient = _TunnelEnd(self, "client", upstream)
         self._fromUpstream = _TunnelEnd(self, "upstream", client)
@@ -123,6 +133,7 @@ class Tunnel:
         if self.closed:
             return
         self.closed = True
+        self.lease.release()
         if self.settings.block.access_log:
             logTunnel(
                 bytesIn=self.bytesIn,
