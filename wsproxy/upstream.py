@@ -6,12 +6,21 @@ This is nginx's C{upstream} block with C{proxy_next_upstream error timeout}
 and C{max_fails}/C{fail_timeout}: each request starts at the next server;
 a server that refuses or does not answer the connection in time is skipped
 for the rest of that request and marked down for a while.
+
+Two other things take a server out of rotation, without cutting what it
+already carries: an active health check (L{wsproxy.health}) sets
+C{checkDown} through L{UpstreamPool.markChecked}, and DNS discovery
+(L{wsproxy.discovery}) expands a C{resolve} server into one server per
+address through L{UpstreamPool.updateResolved}, retiring the addresses
+that vanish.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, succeed
@@ -45,17 +54,35 @@ class UpstreamServer:
     """
     One server of a pool and its passive health: C{max_fails} failures
     within C{fail_timeout} seconds mark it down for C{fail_timeout} seconds.
+
+    @ivar checkDown: an active health check marked it down.
+    @ivar retiring: DNS no longer names it; it has left the pool.
+    @ivar origin: the C{resolve} server this one was resolved from, or
+        C{None} for a server given as such.
     """
 
-    __slots__ = ("address", "_endpointFor", "_failures", "downUntil", "idle")
+    __slots__ = ("address", "_endpointFor", "_failures", "downUntil", "idle", "checkDown", "retiring", "origin")
 
-    def __init__(self, address: UpstreamAddress, endpointFor: Callable[[float], Any]) -> None:
+    def __init__(
+        self,
+        address: UpstreamAddress,
+        endpointFor: Callable[[float], Any],
+        origin: UpstreamAddress | None = None,
+    ) -> None:
         self.address = address
         self._endpointFor = endpointFor
         self._failures: deque[float] = deque()
         self.downUntil = 0.0
         #: Idle keep-alive connections to this server, the most recent last.
         self.idle: list[Any] = []
+        self.checkDown = False
+        self.retiring = False
+        self.origin = origin
+
+    @property
+    def acceptsNew(self) -> bool:
+        """Whether it may get a new request or tunnel (checks and DNS permitting)."""
+        return not (self.checkDown or self.retiring)
 
     def endpoint(self, timeout: float) -> Any:
         """A client endpoint to this server, with the given connect timeout."""
@@ -104,7 +131,13 @@ class UpstreamPool:
         self._next = 0
         self.retired = False
 
-    def _endpointFactory(self, address: UpstreamAddress) -> Callable[[float], Any]:
+    def _endpointFactory(
+        self, address: UpstreamAddress, tlsAddress: UpstreamAddress | None = None
+    ) -> Callable[[float], Any]:
+        """
+        @param tlsAddress: whose name the TLS certificate must carry, when
+            it is not C{address}'s (an address resolved from a name).
+        """
         reactor = self._reactor
         if address.isLiteralIP:
             kind = TCP6ClientEndpoint if ":" in address.host else TCP4ClientEndpoint
@@ -121,7 +154,7 @@ class UpstreamPool:
             return plain
         if self._tlsOptionsFor is None:
             raise ValueError(f"{address} needs TLS but the pool has no TLS options")
-        options = self._tlsOptionsFor(address)
+        options = self._tlsOptionsFor(tlsAddress or address)
         return lambda timeout: wrapClientTLS(options, plain(timeout))
 
     def pickOrder(self) -> list[UpstreamServer]:
@@ -129,12 +162,18 @@ class UpstreamPool:
         The servers to try for one request: the next one in turn first,
         then the others; servers marked down come last, so that a request
         still gets through when every server has been marked down and one
-        has come back.
+        has come back.  Servers that take no new request (L{markChecked},
+        L{updateResolved}) are left out, unless that leaves none: then the
+        order is for L{connectInOrder} to refuse.
         """
         servers = self.servers
-        start = self._next
+        start = self._next % len(servers)
         self._next = (start + 1) % len(servers)
         ordered = servers[start:] + servers[:start]
+        taking = [s for s in ordered if s.acceptsNew]
+        if not taking:
+            return ordered
+        ordered = taking
         now = self._reactor.seconds()
         up = [s for s in ordered if s.isUp(now)]
         if len(up) == len(ordered):
@@ -165,6 +204,8 @@ class UpstreamPool:
         request on a reused connection goes out in the same reactor turn.
         """
         idle = server.idle
+        if not server.acceptsNew:
+            return None
         while idle:
             keeper = idle.pop()
             if keeper.takeBack():
@@ -187,10 +228,86 @@ class UpstreamPool:
 
         @return: whether it was kept; if not, the caller closes it.
         """
-        if self.retired or len(server.idle) >= self.upstream.keepalive:
+        if self.retired or not server.acceptsNew or len(server.idle) >= self.upstream.keepalive:
             return False
         server.idle.append(_IdleConnection(self, server, leg))
         return True
+
+    def markChecked(self, server: UpstreamServer, up: bool, why: str) -> None:
+        """
+        An active health check's verdict on C{server}: down, it gets no new
+        request or tunnel (its idle connections are closed, its open
+        tunnels run on) until a check brings it back up.  A change is
+        logged.
+        """
+        if server.checkDown == (not up):
+            return
+        server.checkDown = not up
+        fields = {"pool": self.name, "server": str(server.address), "why": why}
+        if up:
+            log.info("upstream {pool} server {server} back up: {why}", **fields)
+            return
+        log.warn("upstream {pool} server {server} down by health check: {why}", **fields)
+        while server.idle:
+            server.idle.pop().close()
+
+    def updateResolved(self, template: UpstreamAddress, addresses: Sequence[str]) -> None:
+        """
+        What DNS says C{template} (a C{resolve} server of this pool) names
+        now: one server per address, with C{template}'s parameters.  A new
+        address joins; one that vanished is marked C{retiring} and leaves
+        C{servers} at once, while the exchanges and tunnels that hold it
+        run on.  The first update replaces C{template}'s own server, which
+        until then connects through the system's resolver.  Each change is
+        logged.
+
+        @param addresses: IPv4 and IPv6 addresses; an empty sequence
+            changes nothing (the last good set stays).
+
+        @raise ValueError: if C{template} is not a server of this pool.
+        """
+        if not addresses:
+            return
+        wanted = dict.fromkeys(addresses)
+        place = None
+        kept: dict[str, UpstreamServer] = {}
+        servers: list[UpstreamServer] = []
+        for server in self.servers:
+            if server.origin != template and (server.origin is not None or server.address != template):
+                servers.append(server)
+                continue
+            if place is None:
+                place = len(servers)
+            if server.origin is not None and server.address.host in wanted:
+                kept[server.address.host] = server
+                continue
+            server.retiring = True
+            while server.idle:
+                server.idle.pop().close()
+            if server.origin is not None:
+                log.info(
+                    "upstream {pool} server {server} retiring: {name} no longer resolves to it",
+                    pool=self.name,
+                    server=str(server.address),
+                    name=template.host,
+                )
+        if place is None:
+            raise ValueError(f"{template} is not a server of upstream {self.name!r}")
+        resolved = []
+        for host in sorted(wanted, key=_addressOrder):
+            server = kept.get(host)
+            if server is None:
+                address = dataclasses.replace(template, host=host, resolve=False)
+                server = UpstreamServer(address, self._endpointFactory(address, template), origin=template)
+                log.info(
+                    "upstream {pool} server {server} joined: {name} resolves to it",
+                    pool=self.name,
+                    server=str(address),
+                    name=template.host,
+                )
+            resolved.append(server)
+        servers[place:place] = resolved
+        self.servers = servers
 
     def retire(self) -> None:
         """
@@ -212,6 +329,9 @@ class UpstreamPool:
         upstream = self.upstream
         failures = []
         for server in order:
+            if not server.acceptsNew:
+                failures.append((server.address, "retiring" if server.retiring else "down by health check"))
+                continue
             try:
                 protocol = await server.endpoint(timeout).connect(_OneConnection(protocolFactory()))
             except CancelledError:
@@ -288,3 +408,9 @@ class _OneConnection(Factory):
 def _describe(error: Exception) -> str:
     text = getattr(error, "osError", None) or error
     return str(text).strip() or type(error).__name__
+
+
+def _addressOrder(host: str) -> tuple[int, Any]:
+    """IPv4 before IPv6, each in numeric order: a stable order for a DNS answer."""
+    ip = ipaddress.ip_address(host)
+    return ip.version, ip
