@@ -29,7 +29,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
-from twisted.names import client, dns
+from twisted.names import client, dns, error
 from twisted.names.error import DNSNameError
 from twisted.python.failure import Failure
 
@@ -49,6 +49,13 @@ QUERY_TIMEOUT = (1, 3)
 MINIMUM_WAIT = 1.0
 
 _FAMILIES = ((dns.A, "lookupAddress"), (dns.AAAA, "lookupIPV6Address"))
+
+_ERRORS = (
+    (error.DNSQueryTimeoutError, "timed out"),
+    (error.DNSServerError, "server failure"),
+    (error.DNSQueryRefusedError, "refused"),
+    (error.DNSFormatError, "format error"),
+)
 
 
 def resolverFor(upstream: Upstream) -> Any:
@@ -122,20 +129,23 @@ class NameWatcher:
             return
         ttls: list[int] = []
         problems: list[str] = []
+        fresh = dict(self.addresses)
         for (kind, _), (ok, result) in zip(_FAMILIES, results, strict=True):
             if not ok:
                 if result.check(DNSNameError):
-                    self.addresses[kind] = []
+                    fresh[kind] = []
                 else:
-                    problems.append(_describe(result))
+                    problems.append(f"{dns.QUERY_TYPES[kind]}: {_describe(result)}")
                 continue
             records = [record for record in result[0] if record.type == kind]
-            self.addresses[kind] = sorted({_addressOf(record) for record in records})
+            fresh[kind] = sorted({_addressOf(record) for record in records})
             ttls.extend(record.ttl for record in records)
-        found = self.addresses[dns.A] + self.addresses[dns.AAAA]
-        if not found and not problems:
+        found = fresh[dns.A] + fresh[dns.AAAA]
+        if found:
+            self.addresses = fresh
+        elif not problems:
             problems.append("no A or AAAA record")
-        self._report("; ".join(problems) or None, found)
+        self._report("; ".join(problems) or None, self.addresses[dns.A] + self.addresses[dns.AAAA])
         if found:
             self.pool.updateResolved(self.template, found)
             self.changed()
@@ -166,8 +176,11 @@ class NameWatcher:
 
 
 def _describe(failure: Failure) -> str:
+    for kind, words in _ERRORS:
+        if failure.check(kind):
+            return words
     value = failure.value
-    return type(value).__name__ if not str(value) else f"{type(value).__name__}: {value}"
+    return f"{type(value).__name__}: {value}" if str(value) else type(value).__name__
 
 
 class PoolDiscovery(Service):
