@@ -9,10 +9,15 @@ tunnel runs on.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import pytest_twisted
+import trustme
 from support import (
     KEY,
     LOOPBACK,
@@ -32,6 +37,7 @@ from support import (
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -469,3 +475,40 @@ async def test_a_close_that_is_never_answered_is_a_failure(cleanup, changes):
     assert "no answer within 0.1s" in changes[0]
     pongs = [c for c in factory.connections if c.switched and c.received.count(b"\x88")]
     assert pongs, "the ping was answered and the close sent"
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("name, passes", [("app.internal", True), ("other.internal", False)])
+async def test_checks_use_the_upstreams_tls_settings(cleanup, tmp_path, changes, name, passes):
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    leaf = ca.issue_cert("app.internal")
+    options = PrivateCertificate.loadPEM(leaf.private_key_and_cert_chain_pem.bytes()).options()
+    factory = ScriptedUpstream(lambda request, connection: ok())
+    port = cleanup.port(reactor.listenSSL(0, factory, options, interface=LOOPBACK)).getHost().port
+    table = {"uri": "/healthz", "interval": INTERVAL, "timeout": INTERVAL / 2, "fails": 1}
+    upstreams = {
+        "app": {
+            "servers": [f"https://{LOOPBACK}:{port}"],
+            "proxy_ssl_trusted_certificate": str(tmp_path / "ca.pem"),
+            "proxy_ssl_name": name,
+            "health_check": table,
+        }
+    }
+    proxy = await proxyChecking(cleanup, upstreams)
+    server = proxy.pools["app"].servers[0]
+    if passes:
+        assert await until(lambda: len(factory.requests) >= 2)
+        assert not server.checkDown
+        assert factory.requests[0].startswith(b"GET /healthz HTTP/1.1\r\nHost: app.internal:%d\r\n" % port)
+    else:
+        await markedDownInTime(proxy, fails=1)
+        assert "TLS certificate verification failed" in changes[0]
+        assert not factory.requests
+
+
+def test_checks_load_no_websocket_library():
+    code = "import sys, wsproxy.listeners; print(sorted(m for m in sys.modules if m.startswith('autobahn')))"
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True)
+    assert result.stdout.strip() == "[]"
