@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 __all__ = [
     "Config",
     "ConfigError",
+    "HealthCheck",
     "ListenAddress",
     "Location",
     "ServerBlock",
@@ -94,6 +95,27 @@ class UpstreamAddress:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """
+    An upstream's C{health_check} table: an active check of each server,
+    an HTTP GET (C{uri}) or a WebSocket upgrade, ping and close
+    (C{websocket}); see L{wsproxy.health}.
+
+    @ivar kind: C{"http"} or C{"websocket"}.
+    @ivar status: the statuses an HTTP check accepts; empty for any 2xx or
+        3xx.
+    """
+
+    kind: str = "http"
+    path: str = "/"
+    interval: float = 5.0
+    timeout: float = 2.0
+    fails: int = 1
+    passes: int = 1
+    status: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Upstream:
     """
     An C{[upstream.NAME]} table: nginx's C{upstream NAME { server ...; }}.
@@ -110,6 +132,11 @@ class Upstream:
     balance: str = "round_robin"
     hash: str | None = None
     sticky_cookie: str | None = None
+    health_check: HealthCheck | None = None
+    #: The DNS server for C{resolve} servers, C{(ip, port)}; C{None} for
+    #: the system's.
+    resolver: tuple[str, int] | None = None
+    resolve_interval: float = 30.0
     #: Made for a C{proxy_pass} URL, not written as an C{[upstream.NAME]}.
     implicit: bool = False
 
@@ -267,6 +294,7 @@ _RETURN_VARIABLES = ("host", "request_uri", "scheme", "server_port", "server_nam
 _RETURN_VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")
+_CHECK_PATH = re.compile(r"^/[\x21-\x7e]*$")
 
 
 class _Reader:
@@ -428,6 +456,8 @@ def _readServerAddresses(reader: _Reader) -> list[UpstreamAddress]:
             raise reader.fail("servers", str(e)) from None
         if reader.table.get("tls") is True:
             address = replace(address, tls=True)
+        if address.resolve and address.isLiteralIP:
+            raise reader.fail("servers", f"resolve needs a host name, not an address: {item!r}")
         addresses.append(address)
     return addresses
 
@@ -482,7 +512,12 @@ def _readUpstream(source: str, name: str, table: Any) -> Upstream:
         balance=balance,
         hash=hashKey,
         sticky_cookie=sticky,
+        health_check=_readHealthCheck(source, name, reader.get("health_check", dict)),
+        resolver=_readResolver(reader),
+        resolve_interval=reader.seconds("resolve_interval", 30.0),
     )
+    if upstream.resolve_interval <= 0:
+        raise reader.fail("resolve_interval", "must be more than 0")
     reader.finish()
     return upstream
 
@@ -516,6 +551,75 @@ _SERVER_ONLY = frozenset(
 _HANDLERS = ("proxy_pass", "return", "root", "alias", "try_files")
 _LOCATION_RETURN = re.compile(r"^(\d{3})(?: (.*))?$", re.S)
 _PLAIN_NAME = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$")
+
+
+def _readHealthCheck(source: str, name: str, table: dict[str, Any] | None) -> HealthCheck | None:
+    """
+    The C{health_check} table: C{uri} (an HTTP GET, the default with
+    C{"/"}) or C{websocket} (an upgrade, a ping, a close), C{interval},
+    C{timeout} (at most the interval), C{fails}, C{passes} and, for HTTP,
+    C{status}.
+    """
+    if table is None:
+        return None
+    reader = _Reader(source, f"upstream.{name}.health_check", table)
+    uri = reader.get("uri", str)
+    websocket = reader.get("websocket", str)
+    if uri is not None and websocket is not None:
+        raise reader.fail("websocket", "give either uri (an HTTP check) or websocket, not both")
+    kind, path = ("websocket", websocket) if websocket is not None else ("http", uri or "/")
+    key = "websocket" if websocket is not None else "uri"
+    if not _CHECK_PATH.match(path):
+        raise reader.fail(key, f"expected a path such as /healthz (ASCII, no spaces), got {path!r}")
+    interval = reader.seconds("interval", 5.0)
+    if interval <= 0:
+        raise reader.fail("interval", "must be more than 0")
+    timeout = reader.seconds("timeout", min(2.0, interval))
+    if not 0 < timeout <= interval:
+        raise reader.fail("timeout", "must be more than 0 and at most the interval")
+    status = reader.get("status", list, [])
+    if kind == "websocket" and status:
+        raise reader.fail("status", "a websocket check expects 101; status is for uri checks")
+    for code in status:
+        if isinstance(code, bool) or not isinstance(code, int) or not 100 <= code <= 599:
+            raise reader.fail("status", f"expected a list of HTTP statuses (100-599), got {code!r}")
+    check = HealthCheck(
+        kind=kind,
+        path=path,
+        interval=interval,
+        timeout=timeout,
+        fails=reader.count("fails", 1, minimum=1),
+        passes=reader.count("passes", 1, minimum=1),
+        status=tuple(status),
+    )
+    reader.finish()
+    return check
+
+
+def _readResolver(reader: _Reader) -> tuple[str, int] | None:
+    """
+    C{resolver}: C{"IP"}, C{"IP:PORT"} or C{"[IPV6]:PORT"}, port 53 by
+    default.  An address, not a name: the resolver cannot resolve itself.
+    """
+    text = reader.get("resolver", str)
+    if text is None:
+        return None
+    portText = "53"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            portText = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, portText = text.partition(":")
+    else:
+        host = text
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise reader.fail("resolver", f'expected "IP" or "IP:PORT" of a DNS server, got {text!r}') from None
+    if not portText.isdigit() or not 0 < int(portText) < 65536:
+        raise reader.fail("resolver", f"bad port in {text!r}")
+    return str(ip), int(portText)
 
 
 def _readServer(source: str, index: int, table: Any, upstreams: dict[str, Upstream]) -> ServerBlock:

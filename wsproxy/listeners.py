@@ -9,6 +9,12 @@ the new configuration needs (upstream pools, TLS contexts, listener
 settings) aside, and only when all of it is built puts it in use, in one
 step that cannot fail.  Whatever goes wrong before that leaves the running
 configuration wholly as it was.
+
+Each pool with a C{health_check} or C{resolve} servers is watched by child
+services of L{ProxyService} (L{wsproxy.health.PoolHealth},
+L{wsproxy.discovery.PoolDiscovery}): they run while the service runs, and a
+reload replaces those of the pools it replaces, handing the new pools the
+verdicts and addresses of the servers that stay.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from .config import Config, ConfigError, ListenAddress, ServerBlock
+from .discovery import PoolDiscovery, carryResolved
+from .health import PoolHealth, carryHealth
 from .router import AddressSettings
 from .routing import RoutingError
 from .server import ProxyFactory
@@ -319,6 +327,8 @@ class ProxyService(MultiService):
         self.config = config
         self.pools: dict[str, UpstreamPool] = dict(prepared.pools)
         self.listeners: list[Listener] = []
+        #: The services watching each pool (health checks, DNS discovery).
+        self.monitors: dict[str, list[Service]] = {}
         for position, (address, indexes) in enumerate(config.addresses.items()):
             listen = address.listen
             endpoint = endpoints[position] if endpoints else parseListen(reactor, config.source, indexes[0], listen)
@@ -333,6 +343,21 @@ class ProxyService(MultiService):
             listener.announce = not endpoints
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        for name, pool in self.pools.items():
+            self.monitors[name] = self._monitorsFor(pool)
+            for monitor in self.monitors[name]:
+                monitor.setServiceParent(self)
+
+    def _monitorsFor(self, pool: UpstreamPool) -> list[Service]:
+        """The services that check C{pool}'s servers and resolve its names, not started."""
+        monitors: list[Service] = []
+        health = PoolHealth(pool, self.reactor) if pool.upstream.health_check is not None else None
+        if health is not None:
+            monitors.append(health)
+        if any(address.resolve for address in pool.upstream.servers):
+            changed = health.sync if health is not None else (lambda: None)
+            monitors.append(PoolDiscovery(pool, self.reactor, changed=changed))
+        return monitors
 
     def reload(self, config: Config) -> None:
         """
@@ -353,6 +378,16 @@ class ProxyService(MultiService):
         """
         checkReload(self.config, config)
         prepared = prepareConfig(config, self.reactor, keep=self.pools)
+        monitors = {}
+        for name, pool in prepared.pools.items():
+            old = self.pools.get(name)
+            if old is pool:
+                monitors[name] = self.monitors[name]
+                continue
+            if old is not None:
+                carryResolved(old, pool)
+                carryHealth(old, pool)
+            monitors[name] = self._monitorsFor(pool)
         # Nothing below can fail.
         for listener in self.listeners:
             tls = prepared.tls[listener.address]
@@ -365,6 +400,15 @@ class ProxyService(MultiService):
         self.config = config
         for pool in retired:
             pool.retire(self.pools.get(pool.name))
+        for name, watching in self.monitors.items():
+            if watching is not monitors.get(name):
+                for monitor in watching:
+                    monitor.disownServiceParent()
+        for name, watching in monitors.items():
+            if watching is not self.monitors.get(name):
+                for monitor in watching:
+                    monitor.setServiceParent(self)
+        self.monitors = monitors
         log.info("configuration reloaded from {source}", source=config.source)
 
     def stopService(self) -> Deferred:
@@ -373,6 +417,10 @@ class ProxyService(MultiService):
         C{shutdown_timeout} seconds before they are closed.
         """
         Service.stopService(self)
+        for watching in self.monitors.values():
+            for monitor in watching:
+                if monitor.running:
+                    monitor.stopService()
         stopped = DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners])
         stopped.addCallback(lambda _: self._drain())
         return stopped

@@ -13,10 +13,18 @@ change of one server of N moves only about 1/N of the clients.
 Every request, then its tunnel, holds its server through one L{Lease}:
 the only thing that changes a server's counts, released once whatever
 ends the exchange or the tunnel.
+
+Two other things take a server out of rotation, without cutting what it
+already carries: an active health check (L{wsproxy.health}) sets
+C{checkDown} through L{UpstreamPool.markChecked}, and DNS discovery
+(L{wsproxy.discovery}) expands a C{resolve} server into one server per
+address through L{UpstreamPool.updateResolved}, retiring the addresses
+that vanish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import ipaddress
@@ -225,6 +233,7 @@ class UpstreamServer:
         "_failures",
         "downUntil",
         "idle",
+        "origin",
     )
 
     def __init__(
@@ -233,8 +242,11 @@ class UpstreamServer:
         endpointFor: Callable[[float], Any],
         maxFails: int = 1,
         failTimeout: float = 10.0,
+        origin: UpstreamAddress | None = None,
     ) -> None:
         self.address = address
+        #: The C{resolve} server this one was resolved from, or C{None}.
+        self.origin = origin
         self.id = hashlib.sha256(b"wsproxy-server:" + str(address).encode()).hexdigest()[:16]
         self.weight = address.weight
         self.maxConns = address.max_conns
@@ -255,6 +267,11 @@ class UpstreamServer:
     def endpoint(self, timeout: float) -> Any:
         """A client endpoint to this server, with the given connect timeout."""
         return self._endpointFor(timeout)
+
+    @property
+    def acceptsNew(self) -> bool:
+        """Whether checks and DNS let it get a new request or tunnel."""
+        return not (self.checkDown or self.retiring)
 
     @property
     def inRotation(self) -> bool:
@@ -386,7 +403,13 @@ class UpstreamPool:
         hashing = self.upstream.balance in ("ip_hash", "hash")
         self._tiers = [(tier, _Ring(tier) if hashing else None) for tier in (primaries, backups) if tier]
 
-    def _endpointFactory(self, address: UpstreamAddress) -> Callable[[float], Any]:
+    def _endpointFactory(
+        self, address: UpstreamAddress, tlsAddress: UpstreamAddress | None = None
+    ) -> Callable[[float], Any]:
+        """
+        @param tlsAddress: whose name the TLS certificate must carry, when
+            it is not C{address}'s (an address resolved from a name).
+        """
         reactor = self._reactor
         if address.isLiteralIP:
             kind = TCP6ClientEndpoint if ":" in address.host else TCP4ClientEndpoint
@@ -403,7 +426,7 @@ class UpstreamPool:
             return plain
         if self._tlsOptionsFor is None:
             raise ValueError(f"{address} needs TLS but the pool has no TLS options")
-        options = self._tlsOptionsFor(address)
+        options = self._tlsOptionsFor(tlsAddress or address)
         return lambda timeout: wrapClientTLS(options, plain(timeout))
 
     # Choosing
@@ -622,6 +645,8 @@ class UpstreamPool:
         request on a reused connection goes out in the same reactor turn.
         """
         idle = server.idle
+        if not server.acceptsNew:
+            return None
         while idle:
             keeper = idle.pop()
             if keeper.takeBack():
@@ -650,10 +675,85 @@ class UpstreamPool:
 
         @return: whether it was kept; if not, the caller closes it.
         """
-        if self.retired or len(server.idle) >= self.upstream.keepalive:
+        if self.retired or not server.acceptsNew or len(server.idle) >= self.upstream.keepalive:
             return False
         server.idle.append(_IdleConnection(self, server, leg))
         return True
+
+    def markChecked(self, server: UpstreamServer, up: bool, why: str) -> None:
+        """
+        An active health check's verdict on C{server}: down, it gets no new
+        request or tunnel (its idle connections are closed, its open
+        tunnels run on) until a check brings it back up.  A change is
+        logged.
+        """
+        if server.checkDown == (not up):
+            return
+        server.checkDown = not up
+        if not up:
+            while server.idle:
+                server.idle.pop().close()
+        self.noteState(server, f"health check: {why}")
+
+    def updateResolved(self, template: UpstreamAddress, addresses: Sequence[str]) -> None:
+        """
+        What DNS says C{template} (a C{resolve} server of this pool) names
+        now: one server per address, with C{template}'s parameters.  A new
+        address joins; one that vanished is marked C{retiring} and leaves
+        C{servers} at once, while the exchanges and tunnels that hold it
+        run on.  The first update replaces C{template}'s own server, which
+        until then connects through the system's resolver.  Each change is
+        logged.
+
+        @param addresses: IPv4 and IPv6 addresses; an empty sequence
+            changes nothing (the last good set stays).
+
+        @raise ValueError: if C{template} is not a server of this pool.
+        """
+        if not addresses:
+            return
+        wanted = dict.fromkeys(addresses)
+        place = None
+        kept: dict[str, UpstreamServer] = {}
+        servers: list[UpstreamServer] = []
+        for server in self.servers:
+            if server.origin != template and (server.origin is not None or server.address != template):
+                servers.append(server)
+                continue
+            if place is None:
+                place = len(servers)
+            if server.origin is not None and server.address.host in wanted:
+                kept[server.address.host] = server
+                continue
+            server.retiring = True
+            while server.idle:
+                server.idle.pop().close()
+            if server.origin is not None:
+                self.noteState(server, f"{template.host} no longer resolves to it")
+        if place is None:
+            raise ValueError(f"{template} is not a server of upstream {self.name!r}")
+        resolved = []
+        for host in sorted(wanted, key=_addressOrder):
+            server = kept.get(host)
+            if server is None:
+                address = dataclasses.replace(template, host=host, resolve=False)
+                server = UpstreamServer(
+                    address,
+                    self._endpointFactory(address, template),
+                    self.upstream.max_fails,
+                    self.upstream.fail_timeout,
+                    origin=template,
+                )
+                log.info(
+                    "upstream {pool} server {server} joined: {name} resolves to it",
+                    pool=self.name,
+                    server=str(address),
+                    name=template.host,
+                )
+            resolved.append(server)
+        servers[place:place] = resolved
+        self.servers = servers
+        self._buildTiers()
 
     def retire(self, successor: UpstreamPool | None = None) -> None:
         """
@@ -684,6 +784,9 @@ class UpstreamPool:
     ) -> tuple:
         failures = []
         for server in order:
+            if not server.acceptsNew:
+                failures.append((server.address, "retiring" if server.retiring else "down by health check"))
+                continue
             if lease is not None:
                 if server is not lease.server and server.isFull:
                     failures.append((server.address, "max_conns reached"))
@@ -763,3 +866,9 @@ class _OneConnection(Factory):
 def _describe(error: Exception) -> str:
     text = getattr(error, "osError", None) or error
     return str(text).strip() or type(error).__name__
+
+
+def _addressOrder(host: str) -> tuple[int, Any]:
+    """IPv4 before IPv6, each in numeric order: a stable order for a DNS answer."""
+    ip = ipaddress.ip_address(host)
+    return ip.version, ip
