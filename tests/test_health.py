@@ -306,7 +306,9 @@ async def test_a_failing_server_is_marked_down_within_interval_times_fails(clean
     took = await markedDownInTime(proxy)
     assert took <= INTERVAL * 2 + SLACK
     address = f"127.0.0.1:{port.getHost().port}"
-    assert changes == [f"upstream app server {address}: up -> down by check (health check: {why} (2 failed checks in a row))"]
+    assert changes == [
+        f"upstream app server {address}: up -> down by check (health check: {why} (2 failed checks in a row))"
+    ]
     assert factory.requests, "the check reached the server"
     head = factory.requests[0]
     assert head.startswith(b"GET %b HTTP/1.1\r\n" % (check.get("uri") or check["websocket"]).encode())

@@ -236,16 +236,12 @@ def test_sighup_checks_in_the_parent_a_bad_file_is_one_line_and_the_workers_keep
         port = parent.port()
         waitUntil(parent.workers)
         parent.waitReady(2)
-        # A proxy listener turned into a redirect listener needs a restart.
-        parent.config.write_text(
-            TEMPLATE.format(upstream=two.port, extra="").replace(
-                'proxy_pass = "http://app"', 'return = "308 https://$host$request_uri"'
-            )
-        )
+        # Another number of workers needs a restart.
+        parent.config.write_text(TEMPLATE.format(upstream=two.port, extra="").replace("workers = 2", "workers = 3"))
         os.kill(parent.process.pid, signal.SIGHUP)
         waitUntil(lambda: "reload rejected" in parent.log())
         rejected = [line for line in parent.log().splitlines() if "reload rejected" in line]
-        assert len(rejected) == 1 and "server[0].return" in rejected[0]
+        assert len(rejected) == 1 and ": workers: " in rejected[0]
         assert "worker" not in rejected[0].split("reload rejected")[0], "the parent checked it, not a worker"
         for _ in range(4):
             assert get(port, [one, two]).endswith(b"one")

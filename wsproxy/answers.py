@@ -96,7 +96,12 @@ class ErrorAnswer(_Answer):
 
     def start(self) -> None:
         request = self.request
-        keepAlive = _reusable(self.loop, request) and self.status not in (400, 408, 413, 414, 421, 431)
+        # After a refused upgrade the client may already be sending frames.
+        keepAlive = (
+            _reusable(self.loop, request)
+            and request.upgrade is None
+            and self.status not in (400, 408, 413, 414, 421, 431)
+        )
         self.loop.leg.write(
             errorResponse(
                 self.status,

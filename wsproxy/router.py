@@ -69,6 +69,9 @@ class LocationSettings(ListenerSettings):
         self.match = match
         self.vhost = vhost
         self.internal = block.internal
+        if not secure:
+            self.extraHeaders = withoutHSTS(self.extraHeaders)
+            self.extraHeaderLines = tuple(b"%b: %b" % pair for pair in self.extraHeaders)
         modifier, pattern = parseLocationMatch(match)
         self.prefix = pattern.encode("utf-8") if modifier in ("", "=", "^~") else b""
         self.setHeaders = tuple(
@@ -137,6 +140,8 @@ class VirtualHost:
         self.block = block
         self.name = block.server_name.encode("ascii")
         self.extraHeaders = tuple((k.encode("ascii"), v.encode("ascii")) for k, v in block.add_header)
+        if not secure:
+            self.extraHeaders = withoutHSTS(self.extraHeaders)
         self.redirect = RedirectSettings(block) if block.isRedirect else None
         self.locations: Locations[LocationSettings] = Locations([])
         if self.redirect is not None:
@@ -173,6 +178,9 @@ class AddressSettings(ConnectionSettings):
         default = config.defaultServer(address)
         super().__init__(config.servers[default])
         self.address = address
+        if not secure:
+            self.extraHeaders = withoutHSTS(self.extraHeaders)
+            self.extraHeaderLines = tuple(b"%b: %b" % pair for pair in self.extraHeaders)
         self.reactor = reactor
         self.secure = secure
         self.scheme = b"https" if secure else b"http"
@@ -435,6 +443,15 @@ class _Routing:
             self.captures,
             underscores=location.block.underscores_in_headers,
         )
+
+
+def withoutHSTS(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """
+    C{headers} without C{Strict-Transport-Security}: RFC 6797 section 7.2
+    says a browser must ignore it over plain HTTP, so a plain listener
+    never sends it.
+    """
+    return tuple((name, value) for name, value in headers if name.lower() != b"strict-transport-security")
 
 
 def absoluteURL(loop: RequestLoop, scheme: bytes, host: bytes, path: bytes) -> bytes:
