@@ -470,11 +470,8 @@ async def test_reload_changes_locations_and_open_tunnels_keep_running(site):
     document = {"upstream": site.pools(), "server": [second], "shutdown_timeout": 1}
     service.reload(parseConfig(document, source="(test)"))
     assert upstreamOf(await site.get("/page")) == "app"
-    tunnel.transport.write(b"\x81\x85abcd" + bytes(a ^ b for a, b in zip(b"hello", b"abcdabcd")))
+    frame = b"\x81\x85abcd" + bytes(a ^ b for a, b in zip(b"hello", b"abcda", strict=True))
+    tunnel.transport.write(frame)
     connection = site.upstreams["chat"].connections[0]
-    from support import until
-
-    assert await until(
-        lambda: connection.received.endswith(b"\x81\x85abcd" + bytes(a ^ b for a, b in zip(b"hello", b"abcdabcd")))
-    )
+    assert await until(lambda: connection.received.endswith(frame))
     assert not tunnel.closed.called
