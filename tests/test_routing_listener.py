@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
-from support import ENVIRONMENT, KEY, LOOPBACK, TWISTD, RawClient, listenScripted, switching, upgradeRequest
+from support import ENVIRONMENT, KEY, LOOPBACK, TWISTD, RawClient, listenScripted, switching, until, upgradeRequest
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
