@@ -483,13 +483,14 @@ async def idle_main(args: argparse.Namespace, pids: list[int]) -> dict[str, Any]
 
 
 def scenario_http(args: argparse.Namespace, pids: list[int]) -> dict[str, Any]:
-    url = f"http://{args.host}:{args.port}/"
+    url = f"http://{args.host}:{args.port}{args.path}"
     seconds = max(1, round(args.duration))  # wrk takes whole seconds only
-    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "5s", url]
+    headers = ["-H", f"Host: {args.host_header}"] if args.host_header else []
+    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "5s", *headers, url]
     # Warm-up: a short run whose figures are discarded.
     if args.warmup > 0:
         subprocess.run(
-            ["wrk", "-t1", f"-c{args.connections}", f"-d{max(1, round(args.warmup))}s", url],
+            ["wrk", "-t1", f"-c{args.connections}", f"-d{max(1, round(args.warmup))}s", *headers, url],
             capture_output=True,
             timeout=args.warmup + 30,
         )
@@ -531,6 +532,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--tunnels", type=int, default=9000)
     parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument("--path", default="/", help="request path (http scenario)")
+    parser.add_argument("--host-header", default="", help="Host header to send (http scenario)")
     args = parser.parse_args()
     defaults = {
         "ws-small": dict(connections=50, inflight=16, size=64),
