@@ -169,14 +169,14 @@ class AddressSettings(ConnectionSettings):
     its virtual hosts.
     """
 
-    maxBodySize = 0
-
     def __init__(
         self, config: Config, address: ListenAddress, pools: Mapping[str, UpstreamPool], reactor: Any, secure: bool
     ) -> None:
         indexes = config.addresses[address]
         default = config.defaultServer(address)
         super().__init__(config.servers[default])
+        # The body limit is the location's: the head is read without one.
+        self.maxBodySize = 0
         self.address = address
         if not secure:
             self.extraHeaders = withoutHSTS(self.extraHeaders)
