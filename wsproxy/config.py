@@ -987,7 +987,7 @@ def _sessionCache(reader: _Reader) -> int:
     C{ssl_session_cache} in nginx's syntax: C{"off"}/C{"none"} (0), a size
     (C{"10m"}), C{"builtin[:SESSIONS]"} or C{"shared:NAME:SIZE"}; a cache
     is on when the result is not 0.  OpenSSL's own cache is used in every
-    case (pyOpenSSL cannot size it; see the README).
+    case (pyOpenSSL cannot size it; see docs/tls.md).
     """
     value = reader.get("ssl_session_cache", (int, str), 10 * 1024 * 1024)
     if isinstance(value, int):
