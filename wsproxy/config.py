@@ -224,6 +224,8 @@ class ServerBlock:
     ssl_handshake_timeout: float = 60.0
     max_connections: int = 0
     max_connections_per_ip: int = 0
+    #: Connections start with a PROXY protocol header (see L{wsproxy.proxyprotocol}).
+    proxy_protocol: bool = False
 
     @property
     def isTLS(self) -> bool:
@@ -249,7 +251,7 @@ class ListenAddress(NamedTuple):
         return self.listen
 
 
-_EPHEMERAL = re.compile(r"^(?:tcp6?|ssl):(?:port=)?0(?::|$)")
+_EPHEMERAL = re.compile(r"^(?:haproxy:)?(?:tcp6?|ssl):(?:port=)?0(?::|$)")
 
 
 @dataclass(frozen=True)
@@ -669,6 +671,7 @@ def _readServer(source: str, index: int, table: Any, upstreams: dict[str, Upstre
     values["max_headers"] = reader.count("max_headers", 100, minimum=1)
     values["max_connections"] = reader.count("max_connections", 0)
     values["max_connections_per_ip"] = reader.count("max_connections_per_ip", 0)
+    values["proxy_protocol"] = reader.get("proxy_protocol", bool, False)
     values["underscores_in_headers"] = reader.get("underscores_in_headers", bool, False)
     trusted = reader.strings("set_real_ip_from")
     for network in trusted:
@@ -1065,6 +1068,14 @@ def _checkVirtualHosts(config: Config) -> None:
                     f"server[{index}].listen",
                     f"{listen!r} is shared by server[{first}] and server[{index}], but only server[{tls}] has "
                     f"ssl_certificate (server[{plain}] does not): blocks on one address must agree on TLS",
+                )
+            if block.proxy_protocol != config.servers[first].proxy_protocol and not listen.startswith("haproxy:"):
+                expects, plain = (index, first) if block.proxy_protocol else (first, index)
+                raise ConfigError(
+                    config.source,
+                    f"server[{index}].proxy_protocol",
+                    f"{listen!r} is shared by server[{first}] and server[{index}], but only server[{expects}] has "
+                    f"proxy_protocol = true (server[{plain}] does not): blocks on one address must agree on it",
                 )
             if block.default_server:
                 if defaults:

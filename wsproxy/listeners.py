@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from .config import Config, ConfigError, ListenAddress, ServerBlock
 from .discovery import PoolDiscovery, carryResolved
 from .health import PoolHealth, carryHealth
+from .proxyprotocol import ProxyHeaderFactory, bareListen, expectsProxyHeader
 from .router import AddressSettings
 from .routing import RoutingError
 from .server import ProxyFactory
@@ -125,13 +126,14 @@ def announceListening(name: str, port: Any) -> None:
 
 def parseListen(reactor: Any, source: str, index: int, listen: str) -> Any:
     """
-    The server endpoint for C{server[index].listen}.
+    The server endpoint for C{server[index].listen}; a C{haproxy:} prefix
+    is left to the L{Listener}, which reads the PROXY header itself.
 
     @raise ConfigError: if Twisted cannot parse it (an unknown endpoint
         type, a port that is not a number, ...).
     """
     try:
-        return serverFromString(reactor, listen)
+        return serverFromString(reactor, bareListen(listen))
     except Exception as e:
         raise ConfigError(source, f"server[{index}].listen", f"{listen!r}: {e}") from None
 
@@ -230,6 +232,10 @@ def checkReload(running: Config, new: Config) -> None:
         if was != new.servers[index].isTLS:
             change = "a plain listener cannot become a TLS one" if not was else "a TLS listener cannot drop TLS"
             raise ConfigError(source, f"server[{index}].ssl_certificate", f"{change} on reload; restart wsproxy")
+    for address in addresses:
+        if expectsProxyHeader(new, address) != expectsProxyHeader(running, address):
+            key = f"server[{new.addresses[address][0]}].proxy_protocol"
+            raise ConfigError(source, key, "turning the PROXY protocol on or off needs a restart")
     if new.workers != running.workers:
         raise ConfigError(source, "workers", "changing the number of workers needs a restart")
 
@@ -237,7 +243,8 @@ def checkReload(running: Config, new: Config) -> None:
 class Listener(StreamServerEndpointService):
     """
     One C{[[server]]} block: its endpoint, its factory, and (for a TLS
-    listener) its swappable certificates.
+    listener) its swappable certificates.  With C{proxyProtocol}, each
+    connection's PROXY header is read before anything else, TLS included.
 
     @ivar announce: whether to log where it listens once bound (see
         L{announceListening}); a worker, which serves sockets its parent
@@ -247,7 +254,13 @@ class Listener(StreamServerEndpointService):
     announce = True
 
     def __init__(
-        self, block: ServerBlock, factory: Any, reactor: Any, tls: ServerTLS | None, endpoint: Any = None
+        self,
+        block: ServerBlock,
+        factory: Any,
+        reactor: Any,
+        tls: ServerTLS | None,
+        endpoint: Any = None,
+        proxyProtocol: bool | None = None,
     ) -> None:
         self.block = block
         #: The address, as written in C{listen}.
@@ -257,9 +270,13 @@ class Listener(StreamServerEndpointService):
         #: What a bind failure names first: C{"FILE: server[I].listen"}.
         self.where = "listen"
         if endpoint is None:
-            endpoint = serverFromString(reactor, block.listen)
+            endpoint = serverFromString(reactor, bareListen(block.listen))
         if tls is not None:
             factory = tls.wrapFactory(factory)
+        if proxyProtocol is None:
+            proxyProtocol = block.proxy_protocol or block.listen != bareListen(block.listen)
+        if proxyProtocol:
+            factory = ProxyHeaderFactory(factory, reactor, lambda: self.block.client_header_timeout)
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
 
@@ -335,7 +352,8 @@ class ProxyService(MultiService):
             tlsPrepared = prepared.tls[address]
             tls = ServerTLS(tlsPrepared.block, reactor, tlsPrepared) if tlsPrepared is not None else None
             block = config.servers[config.defaultServer(address)]
-            listener = Listener(block, ProxyFactory(prepared.settings[address]), reactor, tls, endpoint)
+            proxyProtocol = expectsProxyHeader(config, address)
+            listener = Listener(block, ProxyFactory(prepared.settings[address]), reactor, tls, endpoint, proxyProtocol)
             listener.address = address
             listener.listen = listen
             listener.where = f"{config.source}: server[{indexes[0]}].listen"

@@ -56,6 +56,16 @@ class Options(usage.Options):
         ],
     ]
 
+    def opt_version(self) -> NoReturn:
+        """Print wsproxy's version (and Twisted's and Python's) and exit."""
+        from twisted import version as twistedVersion
+
+        from . import __version__
+
+        python = ".".join(map(str, sys.version_info[:3]))
+        print(f"wsproxy {__version__} (Twisted {twistedVersion.short()}, Python {python})")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         if not self["config"] and not self["demo"]:
             raise usage.UsageError("give --config FILE (or --demo to try it out)")
