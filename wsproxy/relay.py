@@ -313,32 +313,17 @@ class Exchange:
         headers = forwardedRequestHeaders(
             request, trustedClient=trusted, underscores=settings.block.underscores_in_headers
         )
-        own = {
-            b"host": host,
-            b"x-forwarded-for": forwardedFor(request, self.client.clientAddress, settings, trusted),
-            b"x-real-ip": (request.first(b"x-real-ip") if trusted else None) or address,
-            b"x-forwarded-proto": settings.scheme,
-            b"x-forwarded-host": host,
-        }
-        setNames = settings.setNames
-        if setNames:
-            # proxy_set_header: the configured value replaces the proxy's and
-            # the client's; an empty one removes the header.
-            headers = [(name, value) for name, value in headers if name.lower() not in setNames]
-            context = self._variables()
-            for lower, name, template in settings.setHeaders:
-                value = template.expand(context)
-                own.pop(lower, None)
-                if value:
-                    if not headerValueOK(value):
-                        raise HTTPError(400, f"proxy_set_header {name.decode()} would carry a line break")
-                    headers.append((name, value))
-        lines = [b"%b %b HTTP/1.1" % (request.method, self.target)]
-        if b"host" in own:
-            lines.append(b"Host: " + own.pop(b"host"))
-        lines.extend(b"%b: %b" % pair for pair in headers)
-        for name, value in own.items():
-            lines.append(_OWN_NAMES[name] + b": " + value)
+        forwarded = forwardedFor(request, self.client.clientAddress, settings, trusted)
+        realIP = (request.first(b"x-real-ip") if trusted else None) or address
+        if not settings.setNames:
+            lines = [b"%b %b HTTP/1.1" % (request.method, self.target), b"Host: " + host]
+            lines.extend(b"%b: %b" % pair for pair in headers)
+            lines.append(b"X-Forwarded-For: " + forwarded)
+            lines.append(b"X-Real-IP: " + realIP)
+            lines.append(b"X-Forwarded-Proto: " + settings.scheme)
+            lines.append(b"X-Forwarded-Host: " + host)
+        else:
+            lines = self._setHeaders(host, headers, forwarded, realIP)
         if request.chunked:
             lines.append(b"Transfer-Encoding: " + b", ".join((*request.transferCodings, b"chunked")))
         elif b"content-length" in request.fields:
@@ -349,6 +334,39 @@ class Exchange:
         elif not settings.pool.upstream.keepalive:
             lines.append(b"Connection: close")
         return CRLF.join(lines) + HEAD_END
+
+    def _setHeaders(
+        self, host: bytes, headers: list[tuple[bytes, bytes]], forwarded: bytes, realIP: bytes
+    ) -> list[bytes]:
+        """
+        The head's lines with nginx's C{proxy_set_header}: a configured
+        value replaces the proxy's and the client's; an empty one removes
+        the header.
+        """
+        settings = self.settings
+        own = {
+            b"host": host,
+            b"x-forwarded-for": forwarded,
+            b"x-real-ip": realIP,
+            b"x-forwarded-proto": settings.scheme,
+            b"x-forwarded-host": host,
+        }
+        setNames = settings.setNames
+        headers = [(name, value) for name, value in headers if name.lower() not in setNames]
+        context = self._variables()
+        for lower, name, template in settings.setHeaders:
+            value = template.expand(context)
+            own.pop(lower, None)
+            if value:
+                if not headerValueOK(value):
+                    raise HTTPError(400, f"proxy_set_header {name.decode()} would carry a line break")
+                headers.append((name, value))
+        lines = [b"%b %b HTTP/1.1" % (self.request.method, self.target)]
+        if b"host" in own:
+            lines.append(b"Host: " + own.pop(b"host"))
+        lines.extend(b"%b: %b" % pair for pair in headers)
+        lines.extend(_OWN_NAMES[name] + b": " + value for name, value in own.items())
+        return lines
 
     def _variables(self) -> Any:
         """The request's nginx variables, for C{proxy_set_header}."""
