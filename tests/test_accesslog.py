@@ -293,6 +293,7 @@ class Site:
 
     def server(self, **block: Any) -> dict[str, Any]:
         server = {"listen": f"tcp:0:interface={LOOPBACK}", "proxy_pass": "http://app", **block}
+        server = {key: value for key, value in server.items() if value is not None}
         if self.kind == "tls":
             leaf = self.ca.issue_cert("localhost")
             certificate, key = self.tmp / "cert.pem", self.tmp / "key.pem"
@@ -381,6 +382,29 @@ async def test_each_server_and_location_writes_its_own_file(site, fixedClock, tm
     (line,) = lines(second)
     words = line.split()
     assert words[:4] == [scheme, b"/b", b"200", b"200"] and int(words[4]) > 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_proxys_own_answers_go_to_the_servers_file(site, tmp_path):
+    path = tmp_path / "own.log"
+    await site.start(
+        site.server(
+            proxy_pass=None,
+            access_log={"path": str(path), "format": "main"},
+            location=[{"match": "/only/", "proxy_pass": "http://app"}, {"match": "= /gone", "return": "410"}],
+        ),
+        log_format={"main": "$status $request_uri $upstream_addr"},
+    )
+    for target in ("/other", "/gone", "/only/x"):
+        client = await site.connect()
+        client.transport.write(f"GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        assert await client.waitClosed() is not None
+    assert await until(lambda: len(lines(path)) == 3)
+    assert lines(path) == [
+        b"404 /other -",
+        b"410 /gone -",
+        b"200 /only/x %s:%d" % (LOOPBACK.encode(), site.upstreamPort),
+    ]
 
 
 @pytest_twisted.ensureDeferred
