@@ -408,6 +408,29 @@ async def test_the_proxys_own_answers_go_to_the_servers_file(site, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_reload_opens_the_new_files_or_is_rejected(site, tmp_path):
+    before, after = tmp_path / "before.log", tmp_path / "after.log"
+    service = await site.start(site.server(access_log=str(before)))
+    await site.get("/one")
+
+    def reconfigured(path: Path) -> Any:
+        document = {"upstream": {"app": {"servers": [f"{LOOPBACK}:{site.upstreamPort}"]}}, "shutdown_timeout": 1}
+        server = {
+            **site.server(access_log={"path": str(path), "format": "json"}),
+            "listen": service.config.servers[0].listen,
+        }
+        return parseConfig({**document, "server": [server]}, source="(test)")
+
+    with pytest.raises(ConfigError, match=r"server\[0\]\.access_log: cannot open .*Is a directory"):
+        service.reload(reconfigured(tmp_path))
+    await site.get("/two")
+    service.reload(reconfigured(after))
+    await site.get("/three")
+    assert [line.split(b'"')[1] for line in lines(before)] == [b"GET /one HTTP/1.1", b"GET /two HTTP/1.1"]
+    assert [json.loads(line)["request_uri"] for line in lines(after)] == ["/three"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_tunnel_logs_its_own_line_when_it_ends(site, tmp_path):
     path = tmp_path / "ws.log"
     await site.start(site.server(access_log={"path": str(path), "format": "json"}))
