@@ -521,7 +521,7 @@ async def test_sighup_reloads_the_certificates(cleanup, pki, tmp_path, logged):
     options.parseOptions(["--config", str(config)])
     top = cleanup.service(tap.makeService(options, reactor))
     top.startService()
-    proxy, hangup = list(top)
+    proxy, hangup, _ = list(top)
     port = (await proxy.listeners[0].listeningPort()).getHost().port
     assert signal.getsignal(signal.SIGHUP) == hangup._hangup
     # Only the signal may reload here, not the file watcher.

@@ -15,11 +15,12 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = [
+    "AccessLog",
     "Config",
     "ConfigError",
     "HealthCheck",
@@ -141,6 +142,33 @@ class Upstream:
     implicit: bool = False
 
 
+@dataclass(frozen=True)
+class AccessLog:
+    """
+    Where a server's or location's access log goes and in what format
+    (C{access_log = "/path"} or C{{ path = "...", format = "json" }}); see
+    L{wsproxy.accesslog}.  C{access_log = true} is not one of these: it
+    keeps the fixed line in C{twistd}'s log.
+
+    @ivar path: the file, or C{None} for C{twistd}'s log.
+    @ivar format: the name of the format: a preset (L{LOG_FORMAT_PRESETS})
+        or a C{[log_format]} entry.
+    @ivar text: the C{[log_format]} entry's text; C{None} for a preset.
+    @ivar escape: how a C{[log_format]} entry escapes values: C{"default"}
+        (nginx's C{\\xHH}), C{"json"} or C{"none"}.
+    """
+
+    path: str | None = None
+    format: str = "combined"
+    text: str | None = None
+    escape: str = "default"
+
+
+#: The formats every configuration has: nginx's C{combined}, and C{json}.
+LOG_FORMAT_PRESETS = ("combined", "json")
+_LOG_ESCAPES = ("default", "json", "none")
+
+
 #: The values of C{balance}.
 BALANCE_POLICIES = ("round_robin", "least_conn", "random_two", "ip_hash", "hash")
 
@@ -205,7 +233,7 @@ class ServerBlock:
     allowed_origins: tuple[str, ...] = ()
     set_real_ip_from: tuple[str, ...] = ()
     add_header: tuple[tuple[str, str], ...] = ()
-    access_log: bool = True
+    access_log: bool | AccessLog = True
     server_name: str = ""
     proxy_next_upstream_non_idempotent: bool = False
     underscores_in_headers: bool = False
@@ -263,6 +291,8 @@ class Config:
     servers: tuple[ServerBlock, ...]
     shutdown_timeout: float = 30.0
     workers: int = 1
+    #: C{[log_format]}: name to (text, escape).
+    log_format: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def addresses(self) -> dict[ListenAddress, tuple[int, ...]]:
@@ -754,7 +784,7 @@ def _readRequestKeys(
     for key, default in _REQUEST_TIMES:
         values[key] = reader.seconds(key, inherited.get(key, default))
     values["client_max_body_size"] = reader.size("client_max_body_size", inherited.get("client_max_body_size", 0))
-    values["access_log"] = reader.get("access_log", bool, inherited.get("access_log", True))
+    values["access_log"] = _readAccessLog(reader, inherited.get("access_log", True))
     values["proxy_next_upstream_non_idempotent"] = reader.get(
         "proxy_next_upstream_non_idempotent", bool, inherited.get("proxy_next_upstream_non_idempotent", False)
     )
@@ -1036,16 +1066,104 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
     if not serverTables:
         raise ConfigError(source, "server", "at least one [[server]] block is required")
     servers = tuple(_readServer(source, i, t, upstreams) for i, t in enumerate(serverTables))
+    formats = _readLogFormats(source, reader.get("log_format", dict, {}))
     config = Config(
         source=source,
         upstreams=upstreams,
-        servers=servers,
+        servers=_withLogFormats(source, servers, formats),
+        log_format=formats,
         shutdown_timeout=reader.seconds("shutdown_timeout", 30.0),
         workers=reader.count("workers", 1, minimum=1),
     )
     reader.finish()
     _checkVirtualHosts(config)
     return config
+
+
+def _readAccessLog(reader: _Reader, inherited: bool | AccessLog) -> bool | AccessLog:
+    """
+    C{access_log}: C{true} or C{false} (C{twistd}'s log, or none), a file
+    (C{"/var/log/wsproxy/access.log"}, in the C{combined} format), or a
+    table C{{ path = "...", format = "json" }} (without C{path}, the
+    formatted line goes to C{twistd}'s log).  The format's name is checked
+    once C{[log_format]} is read (L{_withLogFormats}).
+    """
+    value = reader.get("access_log", (bool, str, dict), inherited)
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        return value
+    unknown = sorted(set(value) - {"path", "format"})
+    if unknown:
+        raise reader.fail(f"access_log.{unknown[0]}", "unknown key (use path and format)")
+    path, name = value.get("path"), value.get("format", "combined")
+    if path is not None and (not isinstance(path, str) or not path or "\x00" in path):
+        raise reader.fail("access_log.path", "expected the path of a file")
+    if not isinstance(name, str) or not name:
+        raise reader.fail("access_log.format", "expected the name of a format")
+    if path is not None and not Path(path).parent.is_dir():
+        raise reader.fail("access_log.path", f"no such directory: {str(Path(path).parent)!r}")
+    return AccessLog(path=path, format=name)
+
+
+def _readLogFormats(source: str, table: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """
+    C{[log_format]}: C{NAME = "format"} (nginx's C{log_format NAME
+    'format'}) or C{NAME = {{ format = "...", escape = "json" }}}; each
+    is compiled now, so that a misspelt variable stops the load.
+    """
+    from .accesslog import compileLogFormat
+    from .variables import VariableError
+
+    formats = {}
+    for name, value in table.items():
+        key = f"log_format.{name}"
+        if not _PLAIN_NAME.match(name):
+            raise ConfigError(source, key, "a format's name is letters, digits, - and _")
+        if name in LOG_FORMAT_PRESETS:
+            raise ConfigError(source, key, f"{name!r} is a preset and cannot be defined again")
+        if isinstance(value, dict):
+            reader = _Reader(source, key, value)
+            text, escape = reader.get("format", str), reader.get("escape", str, "default")
+            reader.finish()
+        else:
+            text, escape = value, "default"
+        if not isinstance(text, str) or not text:
+            raise ConfigError(source, key, 'expected a format such as "$remote_addr $status", or a table with format')
+        if escape not in _LOG_ESCAPES:
+            raise ConfigError(source, f"{key}.escape", f"expected one of {', '.join(_LOG_ESCAPES)}, got {escape!r}")
+        try:
+            compileLogFormat(text, escape)
+        except VariableError as e:
+            raise ConfigError(source, key, str(e)) from None
+        formats[name] = (text, escape)
+    return formats
+
+
+def _withLogFormats(
+    source: str, servers: tuple[ServerBlock, ...], formats: dict[str, tuple[str, str]]
+) -> tuple[ServerBlock, ...]:
+    """The blocks with each C{access_log}'s format text filled in from C{[log_format]}."""
+
+    def resolve(where: str, block: ServerBlock) -> ServerBlock:
+        spec = block.access_log
+        if not isinstance(spec, AccessLog) or spec.format in LOG_FORMAT_PRESETS:
+            return block
+        if spec.format not in formats:
+            known = ", ".join((*LOG_FORMAT_PRESETS, *formats))
+            raise ConfigError(source, f"{where}.access_log", f"unknown format {spec.format!r} (known: {known})")
+        text, escape = formats[spec.format]
+        return replace(block, access_log=replace(spec, text=text, escape=escape))
+
+    resolved = []
+    for index, server in enumerate(servers):
+        locations = tuple(
+            Location(location.match, resolve(f"server[{index}].location[{position}]", location.block))
+            for position, location in enumerate(server.locations)
+        )
+        server = resolve(f"server[{index}]", server)
+        resolved.append(replace(server, locations=locations) if locations else server)
+    return tuple(resolved)
 
 
 def _checkVirtualHosts(config: Config) -> None:

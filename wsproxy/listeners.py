@@ -32,6 +32,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from .accesslog import openAccessLogs
 from .config import Config, ConfigError, ListenAddress, ServerBlock
 from .discovery import PoolDiscovery, carryResolved
 from .health import PoolHealth, carryHealth
@@ -341,6 +342,7 @@ class ProxyService(MultiService):
             reactor = globalReactor
         self.reactor = reactor
         prepared = prepareConfig(config, reactor)
+        openAccessLogs(config)
         self.config = config
         self.pools: dict[str, UpstreamPool] = dict(prepared.pools)
         self.listeners: list[Listener] = []
@@ -406,6 +408,7 @@ class ProxyService(MultiService):
                 carryResolved(old, pool)
                 carryHealth(old, pool)
             monitors[name] = self._monitorsFor(pool)
+        openAccessLogs(config)
         # Nothing below can fail.
         for listener in self.listeners:
             tls = prepared.tls[listener.address]

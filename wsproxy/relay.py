@@ -191,6 +191,10 @@ class Exchange:
         self.statusOverride = 0
         #: C{(status, message) -> IExchange | None}: the C{error_page} for an error of the proxy's own.
         self.errorPage: Any = None
+        #: The request's variables, once a template needed them (the access log reads the same $request_id).
+        self.context: Any = None
+        #: The size of the response head sent (C{$bytes_sent}).
+        self.headBytes = 0
 
     @property
     def readyForBody(self) -> bool:
@@ -370,6 +374,8 @@ class Exchange:
 
     def _variables(self) -> Any:
         """The request's nginx variables, for C{proxy_set_header}."""
+        if self.context is not None:
+            return self.context
         from .routing import normalizePath, splitTarget
         from .variables import RequestContext
 
@@ -380,7 +386,7 @@ class Exchange:
         except HTTPError:
             uri = path
         settings = self.settings
-        return RequestContext(
+        self.context = RequestContext(
             self.request,
             client.clientAddress,
             getattr(client.transport.getPeer(), "port", 0),
@@ -392,6 +398,7 @@ class Exchange:
             forwardedFor(self.request, client.clientAddress, settings),
             underscores=settings.block.underscores_in_headers,
         )
+        return self.context
 
     def _ownName(self) -> bytes:
         """
@@ -509,7 +516,9 @@ class Exchange:
         elif not http11:
             framing.append(b"Connection: keep-alive")
         framing.extend(self._stickyLines())
-        self._emit(self._responseHeadBytes(head, framing))
+        headBytes = self._responseHeadBytes(head, framing)
+        self.headBytes = len(headBytes)
+        self._emit(headBytes)
         self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseBodyStalled)
 
     def _responseHeadBytes(self, head: ResponseHead, framing: list[bytes]) -> bytes:
@@ -608,7 +617,7 @@ class Exchange:
         upstream = self.upstream
         upstream.cancelTimer()
         upstream.sendTimeout = self.settings.block.send_timeout
-        self.loop.switchToTunnel(upstream, early, self._logFields(), self.settings, self.lease)
+        self.loop.switchToTunnel(upstream, early, dict(self._logFields(), request=request), self.settings, self.lease)
 
     # Endings
 
@@ -740,6 +749,13 @@ class Exchange:
                 bytesOut=self.bytesOut,
                 duration=self.clock.seconds() - self.started,
                 **self._logFields(),
+                destination=self.settings.block.access_log,
+                request=self.request,
+                leg=self.client,
+                settings=self.settings,
+                context=self.context,
+                upstreamStatus=self._response.status if self._response is not None else None,
+                headBytes=self.headBytes,
             )
 
     def _logFields(self) -> dict[str, Any]:

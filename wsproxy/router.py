@@ -408,7 +408,10 @@ class _Routing:
             if page is not None:
                 return page
         extra = location.extraHeaders if location is not None else self.vhost.extraHeaders
-        return ErrorAnswer(self.loop, self.request, self.status or status, message or "error", extra, headers=headers)
+        accessLog = (location.block if location is not None else self.vhost.block).access_log
+        return ErrorAnswer(
+            self.loop, self.request, self.status or status, message or "error", extra, headers, accessLog
+        )
 
     def _redirect(self, location: LocationSettings, status: int, target: bytes) -> IExchange:
         """A redirect; a relative target is made absolute, as nginx's C{absolute_redirect}."""

@@ -18,6 +18,7 @@ request is answered, so no client can make the proxy buffer without limit.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +53,9 @@ PIPELINE_BUFFER = 65536
 
 #: How long a refused connection (503) may take to close before it is dropped.
 REFUSAL_BOUND = 5.0
+
+#: Client connections' serial numbers (C{$connection}).
+_serials = itertools.count(1)
 
 
 class ConnectionSettings:
@@ -115,6 +119,10 @@ class RequestLoop:
     """
 
     exchange: Any = None
+    #: How many requests the connection has begun (C{$connection_requests}).
+    requests = 0
+    #: Whether the request under way was read from bytes that came with an earlier one (C{$pipe}).
+    pipelined = False
 
     def __init__(
         self,
@@ -203,6 +211,7 @@ class RequestLoop:
             self._pumping = False
 
     def _begin(self, request: RequestHead) -> None:
+        self.requests += 1
         self._idle = False
         self.leg.cancelTimer()
         try:
@@ -242,6 +251,7 @@ class RequestLoop:
             self._adopt(self.factory.settings)
         self._idle = True
         leg.setDeadline(self.block.keepalive_timeout, leg.close)
+        self.pipelined = bool(cycle.buffered)
         if cycle.buffered:
             self._pump()
 
@@ -333,6 +343,7 @@ class ClientLeg(Leg):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.serial = next(_serials)
         factory = self.factory
         self.loop = self.owner = RequestLoop(self, factory.settings, factory.startExchange, factory)
 

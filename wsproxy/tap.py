@@ -11,7 +11,9 @@ the address.
 
 SIGHUP reloads the file (and the certificates) as one transaction: a file
 that does not load, or that cannot be applied without a restart, is logged
-in one line and the running configuration stays wholly in force.
+in one line and the running configuration stays wholly in force.  SIGUSR1
+reopens the access-log files (after logrotate moved them); with workers,
+the parent sends it on to each of them.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .accesslog import reopenAccessLogs
 from .config import Config, ConfigError, loadConfig
 from .listeners import StartupError
 from .listeners import makeService as makeProxyService
 
-__all__ = ["Options", "WsproxyService", "checkConfig", "makeService", "reloadFrom"]
+__all__ = ["OnHangup", "OnUsr1", "Options", "WsproxyService", "checkConfig", "makeService", "reloadFrom", "reopenLogs"]
 
 log = Logger()
 
@@ -108,6 +111,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = WsproxyService(foreground)
     service.setServiceParent(top)
     OnHangup(reactor, lambda: reloadFrom(service, path)).setServiceParent(top)
+    OnUsr1(reactor, lambda: reopenLogs(service)).setServiceParent(top)
     return top
 
 
@@ -196,8 +200,19 @@ def reloadFrom(service: Any, path: str) -> bool:
     return True
 
 
+def reopenLogs(service: Any) -> None:
+    """Reopen the access logs: this process's, or each worker's (it reopens its own on the signal)."""
+    signalWorkers = getattr(service, "signalWorkers", None)
+    if signalWorkers is not None:
+        signalWorkers(signal.SIGUSR1)  # Twisted names only TERM, KILL, INT, HUP and STOP
+    else:
+        reopenAccessLogs()
+
+
 class OnHangup(Service):
     """Runs an action in the reactor thread on each SIGHUP while running."""
+
+    signalNumber = signal.SIGHUP
 
     def __init__(self, reactor: Any, action: Callable[[], object]) -> None:
         self.reactor = reactor
@@ -207,15 +222,21 @@ class OnHangup(Service):
     def startService(self) -> None:
         super().startService()
         try:
-            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+            self._previous = signal.signal(self.signalNumber, self._hangup)
         except ValueError:
             self._previous = None
 
     def stopService(self) -> Any:
         if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
+            signal.signal(self.signalNumber, self._previous)
             self._previous = None
         return super().stopService()
 
     def _hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.action)
+
+
+class OnUsr1(OnHangup):
+    """Runs an action in the reactor thread on each SIGUSR1 while running (nginx's "reopen")."""
+
+    signalNumber = signal.SIGUSR1

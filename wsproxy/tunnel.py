@@ -81,6 +81,8 @@ class Tunnel:
         self.lease = lease or Lease()
         self.lease.becomeTunnel()
         self.closed = False
+        #: Why the proxy closed the tunnel (C{"idle_timeout"}), if it did.
+        self.closeReason: str | None = None
         self._fromClient = _TunnelEnd(self, "client", upstream)
         self._fromUpstream = _TunnelEnd(self, "upstream", client)
 
@@ -120,6 +122,7 @@ class Tunnel:
             seconds=self.settings.block.websocket_idle_timeout,
             **self.logFields,
         )
+        self.closeReason = "idle_timeout"
         self.close()
 
     def close(self) -> None:
@@ -135,10 +138,17 @@ class Tunnel:
         self.closed = True
         self.lease.release()
         if self.settings.block.access_log:
+            if self.client.sendTimedOut or self.upstream.sendTimedOut:
+                self.closeReason = self.closeReason or "send_timeout"
             logTunnel(
                 bytesIn=self.bytesIn,
                 bytesOut=self.bytesOut,
                 duration=self.clock.seconds() - self.started,
-                side=side,
+                side="proxy" if self.closeReason else side,
                 **self.logFields,
+                destination=self.settings.block.access_log,
+                leg=self.client,
+                settings=self.settings,
+                closeReason=self.closeReason,
+                closeCode=getattr(self, "closeCode", None),
             )
