@@ -117,7 +117,7 @@ class ConversionRefused(Exception):
 
 
 _TOML_TABLE = re.compile(r"^\s*\[\[?[A-Za-z0-9_.\"-]+\]\]?\s*(#.*)?$", re.M)
-_NGINX_BLOCK = re.compile(r"^\s*(http|events|server|upstream|location\b[^{;]*|map\s+\S+\s+\S+)\s*\{", re.M)
+_NGINX_BLOCK = re.compile(r"^\s*[a-z_]+(\s+[^\s{;=]+)*\s*\{", re.M)
 _NGINX_STATEMENT = re.compile(r"^\s*[a-z_]+(\s+[^=\s#][^;\n]*)?;\s*(#.*)?$", re.M)
 
 
