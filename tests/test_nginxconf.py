@@ -353,9 +353,11 @@ def test_proxy_protocol_is_approximated(tmp_path):
     assert "PROXY header" in entry(conversion, "listen").detail
 
 
-def test_a_tls_listener_without_certificate_is_refused_as_nginx_does(tmp_path):
-    with pytest.raises(ConfigError, match="ssl_certificate"):
-        convert(tmp_path, site("listen 443 ssl; location / { return 204; }"))
+def test_a_tls_address_without_certificate_stops_the_run(tmp_path):
+    conversion = convert(tmp_path, site("listen 8080; listen 443 ssl; location / { return 204; }"))
+    assert [e.directive for e in conversion.blocking] == ["listen 443 ssl"]
+    assert "without ssl_certificate" in conversion.blocking[0].detail
+    assert [server["listen"] for server in conversion.document["server"]] == ["tcp:8080"]
 
 
 def test_connection_settings_and_limits(tmp_path):
@@ -858,3 +860,17 @@ def test_twistd_refuses_blocking_directives_in_one_line_unless_accepted(tmp_path
     checked = run(TWISTD, "-n", "--pidfile=", "wsproxy", "--config", str(path), "--check", "--accept-unsupported")
     assert checked.returncode == 0, checked.stderr
     assert "[changes what clients receive]" in checked.stdout
+
+
+def test_the_aspnet_connection_map_is_the_upgrade_idiom_too(tmp_path):
+    conversion = convert(
+        tmp_path,
+        site(
+            "listen 80; location / { proxy_pass http://app; proxy_set_header Upgrade $http_upgrade;"
+            "proxy_set_header Connection $connection_upgrade; allow all; }",
+            http='map $http_connection $connection_upgrade { "~*Upgrade" $http_connection; default keep-alive; }',
+        ),
+    )
+    assert "upgrade_protocols" not in locations(conversion)["/"]
+    assert not conversion.blocking
+    assert entry(conversion, "allow all").kind == "not needed"

@@ -185,6 +185,8 @@ def _read(path: str) -> list[_Directive]:
     def build(items: list[dict[str, Any]], file: str) -> list[_Directive]:
         result = []
         for item in items:
+            if item["directive"] == "#":
+                continue  # a comment crossplane read inside a statement
             directive = _Directive(item["directive"], list(item["args"]), file, item["line"])
             if "block" in item:
                 directive.block = build(item["block"], file)
@@ -420,6 +422,8 @@ _NOT_NEEDED = {
     "sub_filter_once": "follows sub_filter",
     "sub_filter_types": "follows sub_filter",
     "ssl_stapling_verify": "follows ssl_stapling",
+    "ssi_types": "follows ssi",
+    "ssi_silent_errors": "follows ssi",
 }
 
 _APPROXIMATED = {
@@ -481,6 +485,7 @@ _UNSUPPORTED_TUNING = {
     "brotli": "responses are sent uncompressed; clients decode the same content",
     "proxy_ignore_headers": "wsproxy reads no X-Accel-* headers",
     "sendfile_max_chunk": "wsproxy streams under flow control",
+    "proxy_limit_rate": "no rate limit on responses",
     "debug_connection": "wsproxy has no per-client debug log",
     "status_zone": "no status zones",
 }
@@ -645,8 +650,8 @@ class _Converter:
 
     # Report
 
-    def report(self, directive: _Directive, kind: str, detail: str, affects: bool = False) -> None:
-        if id(directive) in self.entries:
+    def report(self, directive: _Directive, kind: str, detail: str, affects: bool = False, again: bool = False) -> None:
+        if id(directive) in self.entries and not again:
             return
         entry = Entry(kind, directive.text, directive.file, directive.line, detail, affects and kind == "unsupported")
         self.entries[id(directive)] = (self.sequence.get(id(directive), 0), entry)
@@ -706,7 +711,9 @@ class _Converter:
     def simple(self, directive: _Directive) -> None:
         """A directive whose entry depends on its name (and arguments) only."""
         name, args = directive.name, directive.args
-        if name == "proxy_http_version" and args == ["1.1"]:
+        if name == "allow" and args == ["all"]:
+            self.report(directive, "not needed", "it lets every client in, as wsproxy does")
+        elif name == "proxy_http_version" and args == ["1.1"]:
             self.report(directive, "not needed", "wsproxy speaks HTTP/1.1 to upstreams")
         elif name in _DEFAULT_OFF and args and args[0].lower() == _DEFAULT_OFF[name]:
             self.report(directive, "not needed", f"{args[0]} is nginx's default, and wsproxy's behaviour")
@@ -843,10 +850,10 @@ class _Converter:
             if directive.name == "listen":
                 listens.append(self.listen(directive))
         if not listens:
-            listens.append(("tcp:80", False, False, server.where))
+            listens.append(("tcp:80", False, False, server))
         sslOn = scope.last("ssl")
         if sslOn is not None and sslOn.args[:1] == ["on"]:
-            listens = [(endpoint, True, default, where) for endpoint, _, default, where in listens]
+            listens = [(endpoint, True, default, source) for endpoint, _, default, source in listens]
         names: list[str] = []
         for directive in block:
             if directive.name == "server_name":
@@ -857,15 +864,21 @@ class _Converter:
         for tls, group in groups.items():
             if not group:
                 continue
+            if tls and not (scope.array("ssl_certificate") and scope.array("ssl_certificate_key")):
+                for _, _, _, listen in group:
+                    why = "a TLS address without ssl_certificate: nginx fails every handshake on it"
+                    self.report(listen, "unsupported", why, affects=True, again=True)
+                    self.listens = [(e, d) for e, d in self.listens if d is not listen]
+                continue
             table = _Table()
             if len(group) == 1:
-                table.set("listen", group[0][0], group[0][3])
+                table.set("listen", group[0][0], group[0][3].where)
             else:
-                table.set("listen", [listen[0] for listen in group], group[0][3])
+                table.set("listen", [listen[0] for listen in group], group[0][3].where)
             if names:
                 table.set("server_name", names, next(d.where for d in block if d.name == "server_name"))
             if any(listen[2] for listen in group):
-                table.set("default_server", True, next(listen[3] for listen in group if listen[2]))
+                table.set("default_server", True, next(listen[3].where for listen in group if listen[2]))
             self.serverSettings(table, scope, server, tls)
             made.append(table)
         self.serverHandlers(made, server, scope)
@@ -880,7 +893,7 @@ class _Converter:
             else:
                 self.include(directive)
 
-    def listen(self, directive: _Directive) -> tuple[str, bool, bool, str]:
+    def listen(self, directive: _Directive) -> tuple[str, bool, bool, _Directive]:
         args = directive.args
         endpoint = _endpoint(args[0]) if args else "tcp:80"
         parameters = args[1:]
@@ -889,7 +902,7 @@ class _Converter:
         notes = []
         kind = "converted"
         for parameter in parameters:
-            if parameter in ("ssl", "default_server", "default"):
+            if parameter in ("ssl", "default_server", "default", "ipv6only=on", "ipv6only=off"):
                 continue
             kind = "approximated"
             if parameter == "proxy_protocol":
@@ -906,7 +919,7 @@ class _Converter:
             detail += "; localhost is bound as 127.0.0.1 only"
         self.report(directive, kind, detail)
         self.listens.append((endpoint, directive))
-        return endpoint, tls, default, directive.where
+        return endpoint, tls, default, directive
 
     def dualStack(self) -> None:
         """
@@ -958,10 +971,6 @@ class _Converter:
     def tlsSettings(self, table: _Table, scope: _Scope, server: _Directive) -> None:
         certificates = scope.array("ssl_certificate")
         keys = scope.array("ssl_certificate_key")
-        if not certificates or not keys:
-            raise ConfigError(
-                server.where, "ssl_certificate", "a TLS listener needs ssl_certificate (nginx refuses too)"
-            )
         table.set("ssl_certificate", certificates[0].args[0], certificates[0].where)
         table.set("ssl_certificate_key", keys[0].args[0], keys[0].where)
         protocols = scope.last("ssl_protocols")
@@ -1156,7 +1165,7 @@ class _Converter:
                 table.set(name, _seconds(directive.args[0]), directive.where)
         root = scope.last("root")
         if root is not None:
-            table.set("root", root.args[0], root.where)
+            table.set("root", _prefixed(root.args[0]), root.where)
         index = scope.array("index")
         if index:
             table.set("index", [a for d in index for a in d.args], index[0].where)
@@ -1269,7 +1278,7 @@ class _Converter:
                 self.proxyPass(proxy, scope, table, proxyURI, notes)
         alias = next((d for d in block if d.name == "alias"), None)
         if alias is not None:
-            table.set("alias", alias.args[0], alias.where)
+            table.set("alias", _prefixed(alias.args[0]), alias.where)
             self.report(alias, "converted", f"alias = {alias.args[0]!r}")
         tryFiles = next((d for d in block if d.name == "try_files"), None)
         if tryFiles is not None:
@@ -1428,7 +1437,7 @@ class _Converter:
             if name == "client_max_body_size":
                 table.set(name, _bytes(mine.args[0]), mine.where)
             elif name == "root":
-                table.set(name, mine.args[0], mine.where)
+                table.set(name, _prefixed(mine.args[0]), mine.where)
             elif name == "access_log":
                 table.set(name, mine.args[:1] != ["off"], mine.where)
             else:
@@ -1528,17 +1537,27 @@ class _Converter:
             table.set(("add_header", "Cache-Control"), control, expires.where)
 
 
+#: Where nginx looks for a relative root or alias: its prefix, as Debian builds it.
+NGINX_PREFIX = "/usr/share/nginx/"
+
+
+def _prefixed(path: str) -> str:
+    return path if path.startswith("/") else NGINX_PREFIX + path
+
+
 def _listens(server: _Table) -> list[str]:
     listen = server.get("listen")
     return [listen] if isinstance(listen, str) else list(listen)
 
 
 def _isUpgradeMap(directive: _Directive) -> bool:
-    """C{map $http_upgrade $x { default upgrade; '' close; }}, the idiom of nginx's WebSocket guide."""
-    if directive.args[0].lower() != "$http_upgrade":
-        return False
-    entries = {d.name.lower(): (d.args[0].lower() if d.args else "") for d in directive.block or ()}
-    return entries.get("default") == "upgrade" and entries.get("", "close") in ("close", "")
+    """
+    C{map $http_upgrade $x { default upgrade; '' close; }}, the idiom of
+    nginx's WebSocket guide, or ASP.NET's C{map $http_connection $x}: a
+    C{Connection} value made from the client's upgrade request, which
+    wsproxy makes itself.
+    """
+    return directive.args[0].lower() in ("$http_upgrade", "$http_connection")
 
 
 def _upstreamServer(args: list[str]) -> tuple[str, str, str] | tuple[str, bool]:
