@@ -874,3 +874,29 @@ def test_the_aspnet_connection_map_is_the_upgrade_idiom_too(tmp_path):
     assert "upgrade_protocols" not in locations(conversion)["/"]
     assert not conversion.blocking
     assert entry(conversion, "allow all").kind == "not needed"
+
+
+def test_a_second_certificate_pair_is_approximated(tmp_path, pki):
+    rsa, rsaKey, _ = pki.issue("rsa", "example.com")
+    other, otherKey, _ = pki.issue("other", "example.com")
+    conversion = convert(
+        tmp_path,
+        site(
+            f"listen 443 ssl; ssl_certificate {rsa}; ssl_certificate_key {rsaKey};"
+            f"ssl_certificate {other}; ssl_certificate_key {otherKey}; location / {{ return 204; }}"
+        ),
+    )
+    server = conversion.document["server"][0]
+    assert (server["ssl_certificate"], server["ssl_certificate_key"]) == (rsa, rsaKey)
+    assert entry(conversion, f"ssl_certificate {other}").kind == "approximated"
+    assert entry(conversion, f"ssl_certificate {rsa}").kind == "converted"
+
+
+def test_a_server_without_listen_joins_the_dual_stack_address(tmp_path):
+    conversion = convert(
+        tmp_path,
+        "events {}\nhttp {\n  server { listen [::]:80; server_name a; location / { return 204; } }\n"
+        "  server { server_name b; location / { return 204; } }\n}\n",
+    )
+    assert [s["listen"] for s in conversion.document["server"]] == ["tcp6:80:interface=\\:\\:"] * 2
+    parseConfig(conversion.document)

@@ -36,7 +36,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -928,21 +928,23 @@ class _Converter:
         cannot be bound: the IPv6 address then answers both families.
         """
         every = {listen for server in self.servers for listen in _listens(server)}
-        for endpoint, directive in self.listens:
+        folded = {}
+        for endpoint in every:
             match = re.fullmatch(r"tcp:(\d+)", endpoint)
-            dual = f"tcp6:{match.group(1)}:interface=\\:\\:" if match else None
-            if dual is None or dual not in every:
-                continue
-            for server in self.servers:
-                listens = list(dict.fromkeys(dual if listen == endpoint else listen for listen in _listens(server)))
-                source = server.items[("listen",)][1]
-                server.set("listen", listens[0] if len(listens) == 1 else listens, source)
-            _, entry = self.entries[id(directive)]
-            detail = f"listen = {dual!r}: the dual-stack [::] socket takes IPv4 too (nginx binds them apart)"
-            self.entries[id(directive)] = (
-                self.sequence[id(directive)],
-                replace(entry, kind="approximated", detail=detail),
-            )
+            if match and f"tcp6:{match.group(1)}:interface=\\:\\:" in every:
+                folded[endpoint] = f"tcp6:{match.group(1)}:interface=\\:\\:"
+        if not folded:
+            return
+        for server in self.servers:
+            listens = list(dict.fromkeys(folded.get(listen, listen) for listen in _listens(server)))
+            source = server.items[("listen",)][1]
+            server.set("listen", listens[0] if len(listens) == 1 else listens, source)
+        for endpoint, directive in self.listens:
+            if endpoint in folded:
+                detail = (
+                    f"listen = {folded[endpoint]!r}: the dual-stack [::] socket takes IPv4 too (nginx binds them apart)"
+                )
+                self.report(directive, "approximated", detail, again=True)
 
     def serverSettings(self, table: _Table, scope: _Scope, server: _Directive, tls: bool) -> None:
         """The keys a wsproxy server takes from the nginx server's scope (its connection settings)."""
@@ -973,6 +975,9 @@ class _Converter:
         keys = scope.array("ssl_certificate_key")
         table.set("ssl_certificate", certificates[0].args[0], certificates[0].where)
         table.set("ssl_certificate_key", keys[0].args[0], keys[0].where)
+        for extra in (*certificates[1:], *keys[1:]):
+            why = f"a second {extra.name} (another key type): wsproxy uses the first pair"
+            self.report(extra, "approximated", why, again=True)
         protocols = scope.last("ssl_protocols")
         if protocols is not None:
             kept = [p for p in protocols.args if p in ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")]
@@ -1030,6 +1035,7 @@ class _Converter:
         elif name in ("ssl_certificate", "ssl_certificate_key"):
             if any("$" in a for a in args):
                 self.report(directive, "unsupported", "certificates named by variables", affects=True)
+
             else:
                 self.report(directive, "converted", f"{name} = {first!r} on the TLS servers")
         elif name == "ssl_protocols":
