@@ -492,6 +492,7 @@ _UNSUPPORTED_TUNING = {
 
 _UNSUPPORTED_CLIENTS = {
     "if": "nginx's if has no wsproxy equivalent",
+    "try_files": "try_files on a server, which nginx applies where no location matches",
     "set": "wsproxy has no variables of its own making",
     "auth_basic": "no HTTP authentication: the location would be open",
     "auth_request": "no authentication subrequests: the location would be open",
