@@ -28,6 +28,8 @@ setup(
         "pyopenssl>=24",
         "service-identity>=24",
         "autobahn>=24",
+        # wsproxy-from-nginx and --config nginx.conf: nginx's own grammar.
+        "crossplane>=0.5",
     ],
     extras_require={
         "test": [
@@ -45,6 +47,9 @@ setup(
         ],
     },
     entry_points={
-        "console_scripts": ["wsproxy-conformance = wsproxy.conformance:main"],
+        "console_scripts": [
+            "wsproxy-conformance = wsproxy.conformance:main",
+            "wsproxy-from-nginx = wsproxy.nginxconf:main",
+        ],
     },
 )

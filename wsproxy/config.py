@@ -1213,18 +1213,37 @@ def _checkVirtualHosts(config: Config) -> None:
                 owners[name] = index
 
 
-def loadConfig(path: str | Path) -> Config:
+def loadConfig(path: str | Path, acceptUnsupported: bool = False) -> Config:
     """
-    Read and validate the TOML file at C{path}.
+    Read and validate the TOML file at C{path}, or the nginx configuration
+    there (recognised by its content), converted by L{wsproxy.nginxconf}.
 
-    @raise ConfigError: if it cannot be read, is not TOML, or is not valid.
+    @param acceptUnsupported: run an nginx configuration even when some of
+        its directives are unsupported and change what clients receive.
+    @raise ConfigError: if it cannot be read, is not TOML (nor nginx), or
+        is not valid.
     """
+    from .nginxconf import convertFile, looksLikeNginx
+
     source = str(path)
     try:
         with open(path, "rb") as f:
-            document = tomllib.load(f)
+            raw = f.read()
+        if looksLikeNginx(raw.decode("utf-8", "replace")):
+            conversion = convertFile(path)
+            blocking = conversion.blocking
+            if blocking and not acceptUnsupported:
+                first = blocking[0]
+                raise ConfigError(
+                    source,
+                    f"{first.where}: {first.directive}",
+                    f"unsupported, and it changes what clients receive: {first.detail} ({len(blocking)} such "
+                    "directive(s); --check lists them, --accept-unsupported runs without them)",
+                )
+            return parseConfig(conversion.document, source)
+        document = tomllib.loads(raw.decode("utf-8"))
     except OSError as e:
         raise ConfigError(source, "(file)", f"cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(source, "(syntax)", str(e)) from None
     return parseConfig(document, source)

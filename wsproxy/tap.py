@@ -46,7 +46,7 @@ class Options(usage.Options):
         "listeners in front of a round-robin pool of upstream servers."
     )
     optParameters = [
-        ["config", "c", None, "The TOML configuration file."],
+        ["config", "c", None, "The configuration file: wsproxy's TOML, or an nginx.conf (converted as it is read)."],
         ["demo-port", None, 8080, "The port of the demo proxy (with --demo).", int],
     ]
     optFlags = [
@@ -56,6 +56,12 @@ class Options(usage.Options):
             None,
             "Load the configuration and everything it names (TLS files included), print the routing "
             "table and exit 0, or print the error and exit 1; nothing is bound (nginx -t).",
+        ],
+        [
+            "accept-unsupported",
+            None,
+            "Run an nginx configuration even when it has unsupported directives that change what clients "
+            "receive (they are skipped; --check lists them).",
         ],
     ]
 
@@ -94,10 +100,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         return makeDemoService(options["demo-port"], reactor)
     path = options["config"]
+    accept = bool(options["accept-unsupported"])
     if options["check"]:
-        checkConfig(path, reactor)
+        checkConfig(path, reactor, acceptUnsupported=accept)
     try:
-        config = loadConfig(path)
+        config = loadConfig(path, accept)
         if config.workers > 1:
             from .workers import WorkerPool, stopWithStatus
 
@@ -110,26 +117,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     foreground = parent is None or bool(parent.get("nodaemon", True))
     top = WsproxyService(foreground)
     service.setServiceParent(top)
-    OnHangup(reactor, lambda: reloadFrom(service, path)).setServiceParent(top)
+    OnHangup(reactor, lambda: reloadFrom(service, path, accept)).setServiceParent(top)
     OnUsr1(reactor, lambda: reopenLogs(service)).setServiceParent(top)
     return top
 
 
-def checkConfig(path: str, reactor: Any, out: Any = None) -> NoReturn:
+def checkConfig(path: str, reactor: Any, out: Any = None, acceptUnsupported: bool = False) -> NoReturn:
     """
     C{--check}: load C{path} and build everything it needs, as a start
     would, without binding; print the routing table and exit 0, or the
-    one-line error and exit 1.
+    one-line error and exit 1.  For an nginx configuration, the conversion
+    report comes first.
     """
     from .listeners import prepareConfig
+    from .nginxconf import printReport
     from .router import routingTable
 
+    stream = out or sys.stdout
     try:
-        config = loadConfig(path)
+        printReport(path, stream)
+        config = loadConfig(path, acceptUnsupported)
         prepareConfig(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"wsproxy: {e}") from None
-    stream = out or sys.stdout
     stream.write(f"wsproxy: {path}: the configuration is valid\n{routingTable(config)}\n")
     stream.flush()
     raise SystemExit(0)
@@ -179,7 +189,7 @@ class WsproxyService(MultiService):
         raise SystemExit(1)
 
 
-def reloadFrom(service: Any, path: str) -> bool:
+def reloadFrom(service: Any, path: str, acceptUnsupported: bool = False) -> bool:
     """
     Load the file at C{path} again and apply it to C{service} (a
     L{ProxyService}, or the L{WorkerPool} that sends it to its workers);
@@ -189,7 +199,7 @@ def reloadFrom(service: Any, path: str) -> bool:
     @return: whether the new configuration is in force.
     """
     try:
-        config: Config = loadConfig(path)
+        config: Config = loadConfig(path, acceptUnsupported)
         service.reload(config)
     except ConfigError as e:
         log.error("reload rejected, the running configuration stays: {why}", why=e)
