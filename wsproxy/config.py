@@ -261,6 +261,11 @@ class Config:
     servers: tuple[ServerBlock, ...]
     shutdown_timeout: float = 30.0
     workers: int = 1
+    #: How long a drain waits for a tunnel's WebSocket close handshake.
+    websocket_close_timeout: float = 5.0
+    #: When a drain sends its 1001 Close frames (seconds after it begins),
+    #: if sooner than C{shutdown_timeout}; C{None}: only then.
+    websocket_drain_close_after: float | None = None
 
     @property
     def addresses(self) -> dict[ListenAddress, tuple[int, ...]]:
@@ -1039,10 +1044,21 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
         servers=servers,
         shutdown_timeout=reader.seconds("shutdown_timeout", 30.0),
         workers=reader.count("workers", 1, minimum=1),
+        websocket_close_timeout=reader.seconds("websocket_close_timeout", 5.0),
+        websocket_drain_close_after=_drainCloseAfter(reader),
     )
     reader.finish()
     _checkVirtualHosts(config)
     return config
+
+
+def _drainCloseAfter(reader: _Reader) -> float | None:
+    """C{websocket_drain_close_after}: C{false} (off), C{true} (at once) or a duration."""
+    value = reader.table.get("websocket_drain_close_after", False)
+    if isinstance(value, bool):
+        reader.used.add("websocket_drain_close_after")
+        return 0.0 if value else None
+    return reader.seconds("websocket_drain_close_after", 0.0)
 
 
 def _checkVirtualHosts(config: Config) -> None:
