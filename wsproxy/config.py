@@ -293,6 +293,11 @@ class Config:
     workers: int = 1
     #: C{[log_format]}: name to (text, escape).
     log_format: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    #: How long a drain waits for a tunnel's WebSocket close handshake.
+    websocket_close_timeout: float = 5.0
+    #: When a drain sends its 1001 Close frames (seconds after it begins),
+    #: if sooner than C{shutdown_timeout}; C{None}: only then.
+    websocket_drain_close_after: float | None = None
 
     @property
     def addresses(self) -> dict[ListenAddress, tuple[int, ...]]:
@@ -1074,6 +1079,8 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
         log_format=formats,
         shutdown_timeout=reader.seconds("shutdown_timeout", 30.0),
         workers=reader.count("workers", 1, minimum=1),
+        websocket_close_timeout=reader.seconds("websocket_close_timeout", 5.0),
+        websocket_drain_close_after=_drainCloseAfter(reader),
     )
     reader.finish()
     _checkVirtualHosts(config)
@@ -1164,6 +1171,15 @@ def _withLogFormats(
         server = resolve(f"server[{index}]", server)
         resolved.append(replace(server, locations=locations) if locations else server)
     return tuple(resolved)
+
+
+def _drainCloseAfter(reader: _Reader) -> float | None:
+    """C{websocket_drain_close_after}: C{false} (off), C{true} (at once) or a duration."""
+    value = reader.table.get("websocket_drain_close_after", False)
+    if isinstance(value, bool):
+        reader.used.add("websocket_drain_close_after")
+        return 0.0 if value else None
+    return reader.seconds("websocket_drain_close_after", 0.0)
 
 
 def _checkVirtualHosts(config: Config) -> None:

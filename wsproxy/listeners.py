@@ -41,6 +41,7 @@ from .router import AddressSettings
 from .routing import RoutingError
 from .server import ProxyFactory
 from .tls import PreparedTLS, ServerTLS, TLSConfigError, combineTLS, prepareTLS, upstreamTLSOptions
+from .tunnel import tunnelOf
 from .upstream import UpstreamPool
 
 __all__ = [
@@ -58,6 +59,11 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: How long, after a drain's last close handshake had to end, connections
+#: still closing (a TLS close waiting for the peer) are given before they
+#: are dropped.
+CLOSE_GRACE = 1.0
 
 
 class StartupError(Exception):
@@ -435,7 +441,9 @@ class ProxyService(MultiService):
     def stopService(self) -> Deferred:
         """
         Stop accepting, let exchanges under way finish and give open tunnels
-        C{shutdown_timeout} seconds before they are closed.
+        C{shutdown_timeout} seconds (or C{websocket_drain_close_after})
+        before they are closed: a WebSocket tunnel with a close handshake
+        (L{wsproxy.tunnel.Tunnel.goAway}), anything else at once.
         """
         Service.stopService(self)
         for watching in self.monitors.values():
@@ -448,7 +456,13 @@ class ProxyService(MultiService):
 
     def _drain(self) -> Deferred:
         done: Deferred = Deferred()
-        deadline = self.reactor.seconds() + self.config.shutdown_timeout
+        config = self.config
+        now = self.reactor.seconds()
+        deadline = now + config.shutdown_timeout
+        closeAfter = config.websocket_drain_close_after
+        goAwayAt = deadline if closeAfter is None else min(deadline, now + closeAfter)
+        # Past this, even a close handshake under way is cut short.
+        lastCall = deadline + config.websocket_close_timeout + CLOSE_GRACE
         factories = [listener.proxyFactory for listener in self.listeners]
         for factory in factories:
             factory.drain()
@@ -456,17 +470,28 @@ class ProxyService(MultiService):
             pool.closeIdle()
 
         def check() -> None:
-            remaining = sum(len(getattr(f, "connections", ())) for f in factories)
-            if not remaining:
+            legs = [leg for f in factories for leg in getattr(f, "connections", ())]
+            if not legs:
                 done.callback(None)
                 return
-            if self.reactor.seconds() >= deadline:
-                log.info("shutdown: closing {count} connections still open", count=remaining)
-                for factory in factories:
-                    for protocol in list(getattr(factory, "connections", ())):
-                        protocol.abort()
-                done.callback(None)
-                return
+            now = self.reactor.seconds()
+            if now >= goAwayAt:
+                tunnels = [t for t in map(tunnelOf, legs) if t is not None and t.goingAway is None and not t.closed]
+                if tunnels:
+                    log.info("shutdown: closing {count} tunnels (WebSocket: 1001 Going Away)", count=len(tunnels))
+                for tunnel in tunnels:
+                    tunnel.goAway(config.websocket_close_timeout)
+            if now >= deadline:
+                # Tunnels end with their close handshakes; the rest end now.
+                over = now >= lastCall
+                cut = legs if over else [leg for leg in legs if tunnelOf(leg) is None]
+                if cut:
+                    log.info("shutdown: closing {count} connections still open", count=len(cut))
+                for leg in cut:
+                    leg.abort()
+                if over:
+                    done.callback(None)
+                    return
             self.reactor.callLater(0.1, check)
 
         check()

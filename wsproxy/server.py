@@ -280,10 +280,12 @@ class RequestLoop:
         self.exchange = None
         leg = self.leg
         leg.cancelTimer()
+        websocket = self.cycle.request is not None and self.cycle.request.upgrade == b"websocket"
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
         leg.loop = None  # nothing of the HTTP layer stays with a tunnel
-        Tunnel(leg, upstream, settings or self.settings, logFields, lease).start(early, fromUpstream)
+        tunnel = Tunnel(leg, upstream, settings or self.settings, logFields, lease, websocket=websocket)
+        tunnel.start(early, fromUpstream)
 
     # What the leg tells the loop
 
