@@ -23,6 +23,7 @@ setup(
         "pyopenssl>=24",
         "service-identity>=24",
         "autobahn>=24",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "test": [

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from .accesslog import logRequest
 from .http import CRLF, HEAD_END, RequestHead, errorResponse
 from .interfaces import IExchange, IRequestLoop
+from .metrics import NO_METRICS
 
 __all__ = ["CloseAnswer", "ErrorAnswer", "TextAnswer"]
 
@@ -39,6 +40,8 @@ class _Answer:
     """What the proxy's own answers share: no body to read, nothing to stream."""
 
     readyForBody = False
+    #: Set by the router to the recorder of the place that answers.
+    metrics: Any = NO_METRICS
 
     def __init__(self, loop: IRequestLoop, request: RequestHead, extraHeaders: Any, accessLog: bool = True) -> None:
         self.loop = loop
@@ -62,6 +65,7 @@ class _Answer:
         ErrorAnswer(self.loop, self.request, status, message, self.extraHeaders).start()
 
     def _log(self, status: int, bytesOut: int) -> None:
+        self.metrics.requestEnded(status, None)
         if self.accessLog:
             request = self.request
             logRequest(

@@ -35,6 +35,7 @@ from zope.interface import implementer
 from .accesslog import logRequest
 from .http import CRLF, HEAD_END, HTTPError, RequestHead
 from .interfaces import IExchange, IRequestLoop
+from .metrics import NO_METRICS
 
 __all__ = ["NeedsSlash", "StaticAnswer", "StaticFiles", "contentType"]
 
@@ -382,6 +383,8 @@ class StaticAnswer:
     """
 
     readyForBody = False
+    #: Set by the router to the recorder of the location that answers.
+    metrics: Any = NO_METRICS
 
     def __init__(
         self,
@@ -617,6 +620,7 @@ class StaticAnswer:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+        self.metrics.requestEnded(self.status, self.started)
         if self.accessLog:
             request = self.request
             logRequest(

@@ -28,6 +28,7 @@ from twisted.python import usage
 from .config import Config, ConfigError, loadConfig
 from .listeners import StartupError
 from .listeners import makeService as makeProxyService
+from .metrics import noteReload
 
 __all__ = ["Options", "WsproxyService", "checkConfig", "makeService", "reloadFrom"]
 
@@ -178,11 +179,14 @@ def reloadFrom(service: Any, path: str) -> bool:
         config: Config = loadConfig(path)
         service.reload(config)
     except ConfigError as e:
+        noteReload(service, ok=False)
         log.error("reload rejected, the running configuration stays: {why}", why=e)
         return False
     except Exception:
+        noteReload(service, ok=False)
         log.failure("reload rejected, the running configuration stays: unexpected error")
         return False
+    noteReload(service, ok=True)
     return True
 
 
