@@ -422,7 +422,13 @@ async def test_timeouts_are_counted_by_kind(cleanup, certificates, tls):
     cleanup.port(upstream)
     base = {"listen": LISTEN, "access_log": False}
     slowHeads = {**base, "proxy_pass": "http://app", "client_header_timeout": "1s"}
-    quick = {**base, "proxy_pass": "http://app", "proxy_read_timeout": "300ms", "websocket_idle_timeout": "300ms"}
+    quick = {
+        **base,
+        "proxy_pass": "http://app",
+        "proxy_read_timeout": "300ms",
+        "websocket_idle_timeout": "300ms",
+        "client_body_timeout": "300ms",
+    }
     if tls:
         slowHeads, quick = tlsBlock(certificates, **slowHeads), tlsBlock(certificates, **quick)
     document = {
@@ -435,6 +441,8 @@ async def test_timeouts_are_counted_by_kind(cleanup, certificates, tls):
 
     assert status(await site.exchange(0, tls, b"GET / HTTP/1.1\r\nHost: loc")) == 408
     assert status(await site.exchange(1, tls, GET)) == 504
+    stalled = b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\nab"
+    assert status(await site.exchange(1, tls, stalled)) == 408
     idle = await site.exchange(1, tls, upgradeRequest(b"/ws"))
     assert status(idle) == 101
 
@@ -444,23 +452,25 @@ async def test_timeouts_are_counted_by_kind(cleanup, certificates, tls):
     expected = {
         sample("wsproxy_timeouts_total", kind="client_header"): 1,
         sample("wsproxy_timeouts_total", kind="proxy_read"): 1,
+        sample("wsproxy_timeouts_total", kind="client_body"): 1,
         sample("wsproxy_timeouts_total", kind="websocket_idle"): 1,
         sample("wsproxy_requests_total", **place(listener0, "", "", server=""), status_class="4xx"): 1,
         sample("wsproxy_request_duration_seconds_count", **place(listener0, "", "", server="")): 1,
         sample("wsproxy_requests_total", **quickRoot, status_class="5xx"): 1,
+        sample("wsproxy_requests_total", **quickRoot, status_class="4xx"): 1,
         sample("wsproxy_requests_total", **quickRoot, status_class="1xx"): 1,
-        sample("wsproxy_request_duration_seconds_count", **quickRoot): 1,
+        sample("wsproxy_request_duration_seconds_count", **quickRoot): 2,
         sample("wsproxy_upstream_response_head_seconds_count", **quickRoot): 1,
         sample("wsproxy_websocket_upgrades_total", **quickRoot, result="accepted"): 1,
         sample("wsproxy_tunnel_duration_seconds_count", **quickRoot): 1,
         sample("wsproxy_tunnel_bytes_total", **quickRoot, direction="client_to_upstream"): 0,
         sample("wsproxy_tunnel_bytes_total", **quickRoot, direction="upstream_to_client"): 0,
-        sample("wsproxy_upstream_connect_attempts_total", upstream="app"): 2,
-        sample("wsproxy_upstream_connect_seconds_count", upstream="app"): 2,
+        sample("wsproxy_upstream_connect_attempts_total", upstream="app"): 3,
+        sample("wsproxy_upstream_connect_seconds_count", upstream="app"): 3,
     }
     if tls:
         expected[sample("wsproxy_tls_handshakes_total", listener=listener0, version="TLSv1.3")] = 1
-        expected[sample("wsproxy_tls_handshakes_total", listener=listener1, version="TLSv1.3")] = 2
+        expected[sample("wsproxy_tls_handshakes_total", listener=listener1, version="TLSv1.3")] = 3
     assert {key: value for key, value in expected.items() if value} == changes(before, after)
 
 

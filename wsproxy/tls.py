@@ -445,7 +445,7 @@ class _HandshakeDeadline(BufferingTLSTransport):
         super().makeConnection(transport)
 
     def handshakeFinished(self) -> None:
-        """Called by L{ServerTLS} when OpenSSL reports the handshake done (TLS 1.3: maybe more than once)."""
+        """Called by L{ServerTLS} when OpenSSL reports the handshake done; only the first report counts."""
         self._cancelDeadline()
         if self.tlsVersion is None:
             self.tlsVersion = self._tlsConnection.get_protocol_version_name()
