@@ -6,11 +6,16 @@ Twisted: it must not get an C{__init__.py}, so it is shipped as package data
 of the C{twisted} distribution path rather than as a package of our own.
 """
 
+import re
+
 from setuptools import setup
+
+with open("wsproxy/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"$', f.read(), re.M).group(1)
 
 setup(
     name="wsproxy",
-    version="0.1.0",
+    version=VERSION,
     description="A WebSocket-aware HTTP/1.1 reverse proxy on Twisted",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -24,6 +29,8 @@ setup(
         "service-identity>=24",
         "autobahn>=24",
         "prometheus-client>=0.20",
+        # wsproxy-from-nginx and --config nginx.conf: nginx's own grammar.
+        "crossplane>=0.5",
     ],
     extras_require={
         "test": [
@@ -41,6 +48,9 @@ setup(
         ],
     },
     entry_points={
-        "console_scripts": ["wsproxy-conformance = wsproxy.conformance:main"],
+        "console_scripts": [
+            "wsproxy-conformance = wsproxy.conformance:main",
+            "wsproxy-from-nginx = wsproxy.nginxconf:main",
+        ],
     },
 )

@@ -483,13 +483,17 @@ async def idle_main(args: argparse.Namespace, pids: list[int]) -> dict[str, Any]
 
 
 def scenario_http(args: argparse.Namespace, pids: list[int]) -> dict[str, Any]:
-    url = f"http://{args.host}:{args.port}/"
+    url = f"http://{args.host}:{args.port}{args.path}"
     seconds = max(1, round(args.duration))  # wrk takes whole seconds only
-    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "5s", url]
+    headers = ["-H", f"Host: {args.host_header}"] if args.host_header else []
+    if args.scenario == "http-close":
+        # A new client connection per request (wrk reconnects after each).
+        headers += ["-H", "Connection: close"]
+    cmd = ["wrk", "-t1", f"-c{args.connections}", f"-d{seconds}s", "--timeout", "5s", *headers, url]
     # Warm-up: a short run whose figures are discarded.
     if args.warmup > 0:
         subprocess.run(
-            ["wrk", "-t1", f"-c{args.connections}", f"-d{max(1, round(args.warmup))}s", url],
+            ["wrk", "-t1", f"-c{args.connections}", f"-d{max(1, round(args.warmup))}s", *headers, url],
             capture_output=True,
             timeout=args.warmup + 30,
         )
@@ -517,7 +521,9 @@ def scenario_http(args: argparse.Namespace, pids: list[int]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="WebSocket/HTTP load generator (JSON on stdout)")
-    parser.add_argument("scenario", choices=["ws-small", "ws-large", "latency", "handshake", "http", "idle"])
+    parser.add_argument(
+        "scenario", choices=["ws-small", "ws-large", "latency", "handshake", "http", "http-close", "idle"]
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tls", action="store_true", help="wss (handshake scenario)")
@@ -531,6 +537,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--tunnels", type=int, default=9000)
     parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument("--path", default="/", help="request path (http scenario)")
+    parser.add_argument("--host-header", default="", help="Host header to send (http scenario)")
     args = parser.parse_args()
     defaults = {
         "ws-small": dict(connections=50, inflight=16, size=64),
@@ -538,6 +546,7 @@ def main() -> None:
         "latency": dict(connections=50, inflight=1, size=64),
         "handshake": dict(connections=50),
         "http": dict(connections=50),
+        "http-close": dict(connections=50),
         "idle": dict(),
     }[args.scenario]
     for key, value in defaults.items():
@@ -552,7 +561,7 @@ def main() -> None:
             result = scenario_echo(args, pids)
         elif args.scenario == "handshake":
             result = scenario_handshake(args, pids)
-        elif args.scenario == "http":
+        elif args.scenario in ("http", "http-close"):
             result = scenario_http(args, pids)
         elif args.scenario == "latency":
             result = run_async(latency_main(args, pids))

@@ -39,7 +39,7 @@ from upstream import raise_nofile  # noqa: E402
 
 PROXY_CPU = 0
 LOAD_CPU = 1
-SCENARIOS = ["ws-small", "ws-large", "latency", "handshake", "handshake-tls", "http", "idle"]
+SCENARIOS = ["ws-small", "ws-large", "latency", "handshake", "handshake-tls", "http", "http-close", "idle"]
 TARGETS = ["direct", "nginx", "wsproxy", "wsproxy-w2"]
 #: wsproxy with ``workers = 2``: two worker processes on both CPUs (which the
 #: load generator shares), to show what a second core buys; not pinned to one.

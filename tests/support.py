@@ -145,7 +145,13 @@ async def startProxy(upstreams: dict[str, Any], *servers: dict[str, Any], **topL
     unless it says otherwise.  The ports are in C{service.ports}.
     """
     blocks = [{"listen": f"tcp:0:interface={LOOPBACK}", "access_log": False, **block} for block in servers]
-    document = {"upstream": upstreams, "server": blocks, "shutdown_timeout": 1, **topLevel}
+    document = {
+        "upstream": upstreams,
+        "server": blocks,
+        "shutdown_timeout": 1,
+        "websocket_close_timeout": 1,
+        **topLevel,
+    }
     service = ProxyService(parseConfig(document, source="(test)"), reactor)
     service.startService()
     listening = [await listener.listeningPort() for listener in service.listeners]

@@ -335,7 +335,7 @@ def test_shippedWstestSpecPointsAtTheServedPorts() -> None:
     """
     C{conformance/fuzzingclient.json} (for the original C{wstest}) names the
     echo, the plain and the TLS listener on the ports C{--serve} is given
-    in the README.
+    in docs/conformance.md.
     """
     spec = json.loads((Path(__file__).parent.parent / "conformance" / "fuzzingclient.json").read_text())
     urls = [urlsplit(server["url"]) for server in spec["servers"]]

@@ -488,7 +488,9 @@ def nginxComplexURI(path: bytes) -> bytes | None:
     A line-by-line port of nginx's C{ngx_http_parse_complex_uri} (merge_slashes
     on, a path without C{?} and C{#}): its states, its C{u -= 4} backtracking,
     and its re-reading of a decoded character in the state before the C{%}.
-    C{None} where nginx answers 400.
+    C{None} where nginx answers 400.  (nginx: Copyright Igor Sysoev and
+    Nginx, Inc., BSD-2-Clause; this is a re-implementation of its algorithm
+    in Python for the test's cross-check, not its code.)
     """
     usual, slash, dot, dotDot, quoted, quotedSecond = range(6)
     out = bytearray()

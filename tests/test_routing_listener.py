@@ -475,3 +475,38 @@ async def test_reload_changes_locations_and_open_tunnels_keep_running(site):
     connection = site.upstreams["chat"].connections[0]
     assert await until(lambda: connection.received.endswith(frame))
     assert not tunnel.closed.called
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_block_listens_on_each_address_of_its_list(site):
+    site.upstream("app")
+    second = freePort()
+    server = site.server("localhost", proxy_pass="http://app")
+    server["listen"] = [server["listen"], f"tcp:{second}:interface={LOOPBACK}"]
+    service = await site.start(server)
+    assert len(service.listeners) == 2
+    assert upstreamOf(await site.get("/")) == "app"
+    site.port = second
+    assert upstreamOf(await site.get("/")) == "app"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_location_sets_its_own_body_limit(site):
+    site.upstream("app")
+    await site.start(
+        site.server(
+            "localhost",
+            proxy_pass="http://app",
+            client_max_body_size=10,
+            location=[{"match": "/upload/", "proxy_pass": "http://app", "client_max_body_size": "1k"}],
+        )
+    )
+    for path, size, expected in (("/upload/a", 500, 200), ("/upload/a", 2000, 413), ("/other", 500, 413)):
+        client = await site.connect()
+        body = b"x" * size
+        client.transport.write(
+            b"POST %b HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%b"
+            % (path.encode(), size, body)
+        )
+        response = await client.waitClosed()
+        assert response is not None and status(response) == expected, (path, size, response[:80])

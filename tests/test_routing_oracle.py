@@ -60,6 +60,7 @@ SITES: list[tuple[list[str], bool, list[tuple[str, str]]]] = [
     (["www.example.*"], False, [("/", "www"), ("/ws/", "wschat")]),
     (["~^(?<sub>[a-z]+)\\.regex\\.test$", "exact.regex.test"], False, [("/", "regex")]),
     (["files.test"], False, [("/", "files"), ("@app", "fileapp")]),
+    ([], False, [("/", "unnamed")]),
     (["default.test"], True, [("/", "default"), ("= /", "root")]),
 ]
 
@@ -146,8 +147,9 @@ def nginxConf(prefix: Path, ports: dict[str, int], root: Path, tls: dict[str, st
             if tls
             else ""
         )
+        serverName = f"        server_name {' '.join(names)};\n" if names else ""
         servers.append(
-            f"    server {{\n        listen {listen};\n        server_name {' '.join(names)};\n{certificate}"
+            f"    server {{\n        listen {listen};\n{serverName}{certificate}"
             + "\n".join(body)
             + "\n    }"
         )
@@ -197,7 +199,9 @@ def wsproxyDocument(socket: Path, ports: dict[str, int], root: Path, tls: dict[s
                 name, slash, uri = handler.partition("/")
                 entry["proxy_pass"] = f"http://127.0.0.1:{ports[name]}{slash}{uri}"
             entries.append(entry)
-        server = {"listen": f"unix:{socket}", "server_name": names, "location": entries, "access_log": False}
+        server = {"listen": f"unix:{socket}", "location": entries, "access_log": False}
+        if names:
+            server["server_name"] = names
         if default:
             server["default_server"] = True
         server.update(tls or {})
@@ -254,11 +258,16 @@ def verdict(response: bytes) -> tuple[Any, ...]:
     return (status, fields.get("x-upstream"), fields.get("x-target"), fields.get("location"))
 
 
-def requests() -> list[tuple[str, bytes]]:
+def requests(tls: bool) -> list[tuple[str, bytes]]:
     cases = []
     for host in HOSTS:
         for path in PATHS:
             cases.append((host, f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()))
+    if not tls:
+        # HTTP/1.0 without a Host: the server without a server_name answers
+        # (over TLS, wsproxy keeps to the server SNI chose; nginx does not).
+        for path in ("/", "/ws/", "/api/x", "/old"):
+            cases.append(("", f"GET {path} HTTP/1.0\r\n\r\n".encode()))
     for host in ("example.com", "www.example.com", "default.test"):
         for path in ("/ws/", "/ws/chat", "/", "/a.php"):
             upgrade = (
@@ -317,7 +326,7 @@ async def test_wsproxy_routes_as_nginx_does(kind, cleanup, tmp_path):
             await listener.listeningPort()
 
         disagreements = []
-        cases = requests()
+        cases = requests(tls is not None)
         for host, request in cases:
             sni = host.partition(":")[0].lower() if tls else None
             expected = verdict(await ask(socket, request, sni))

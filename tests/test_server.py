@@ -1178,7 +1178,7 @@ def test_an_error_of_our_own_on_a_new_upstream_connection_is_502():
 
 
 def test_the_documented_extension_point_answers_some_requests_and_proxies_the_rest():
-    """The README's ProxyWithHealth, as written there."""
+    """docs/operations.md's ProxyWithHealth, as written there."""
     from zope.interface import implementer
 
     from wsproxy.interfaces import IExchange

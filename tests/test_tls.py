@@ -521,7 +521,7 @@ async def test_sighup_reloads_the_certificates(cleanup, pki, tmp_path, logged):
     options.parseOptions(["--config", str(config)])
     top = cleanup.service(tap.makeService(options, reactor))
     top.startService()
-    proxy, hangup = list(top)
+    proxy, hangup, _ = list(top)
     port = (await proxy.listeners[0].listeningPort()).getHost().port
     assert signal.getsignal(signal.SIGHUP) == hangup._hangup
     # Only the signal may reload here, not the file watcher.
@@ -791,7 +791,7 @@ async def test_twistd_binds_then_drops_privileges(cleanup, pki):
     """
     As root, C{twistd --uid/--gid} binds, loads the certificates, then
     runs as the unprivileged user, which can still read the renewed files
-    because they are group-readable (the README's recommended layout).
+    because they are group-readable (docs/tls.md's recommended layout).
     """
     user = pwd.getpwnam("nobody") if os.getuid() == 0 else pwd.getpwuid(os.getuid())
     upstream, _ = await okUpstream(cleanup)

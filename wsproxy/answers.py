@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .accesslog import logRequest
+from .config import AccessLog
 from .http import CRLF, HEAD_END, RequestHead, errorResponse
 from .interfaces import IExchange, IRequestLoop
 from .metrics import NO_METRICS
@@ -43,7 +44,9 @@ class _Answer:
     #: Set by the router to the recorder of the place that answers.
     metrics: Any = NO_METRICS
 
-    def __init__(self, loop: IRequestLoop, request: RequestHead, extraHeaders: Any, accessLog: bool = True) -> None:
+    def __init__(
+        self, loop: IRequestLoop, request: RequestHead, extraHeaders: Any, accessLog: bool | AccessLog = True
+    ) -> None:
         self.loop = loop
         self.request = request
         self.extraHeaders = extraHeaders
@@ -77,6 +80,10 @@ class _Answer:
                 bytesIn=0,
                 bytesOut=bytesOut,
                 duration=0.0,
+                destination=self.accessLog,
+                request=request,
+                leg=self.loop.leg,
+                settings=self.loop.settings,
             )
 
 
@@ -91,7 +98,7 @@ class ErrorAnswer(_Answer):
         message: str,
         extraHeaders: Any = (),
         headers: Any = (),
-        accessLog: bool = True,
+        accessLog: bool | AccessLog = True,
     ) -> None:
         super().__init__(loop, request, extraHeaders, accessLog)
         self.status = status
@@ -134,7 +141,7 @@ class TextAnswer(_Answer):
         body: bytes = b"",
         location: bytes | None = None,
         extraHeaders: Any = (),
-        accessLog: bool = True,
+        accessLog: bool | AccessLog = True,
     ) -> None:
         super().__init__(loop, request, extraHeaders, accessLog)
         self.status = status

@@ -15,11 +15,12 @@ import ipaddress
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
 __all__ = [
+    "AccessLog",
     "Config",
     "ConfigError",
     "HealthCheck",
@@ -142,6 +143,33 @@ class Upstream:
     implicit: bool = False
 
 
+@dataclass(frozen=True)
+class AccessLog:
+    """
+    Where a server's or location's access log goes and in what format
+    (C{access_log = "/path"} or C{{ path = "...", format = "json" }}); see
+    L{wsproxy.accesslog}.  C{access_log = true} is not one of these: it
+    keeps the fixed line in C{twistd}'s log.
+
+    @ivar path: the file, or C{None} for C{twistd}'s log.
+    @ivar format: the name of the format: a preset (L{LOG_FORMAT_PRESETS})
+        or a C{[log_format]} entry.
+    @ivar text: the C{[log_format]} entry's text; C{None} for a preset.
+    @ivar escape: how a C{[log_format]} entry escapes values: C{"default"}
+        (nginx's C{\\xHH}), C{"json"} or C{"none"}.
+    """
+
+    path: str | None = None
+    format: str = "combined"
+    text: str | None = None
+    escape: str = "default"
+
+
+#: The formats every configuration has: nginx's C{combined}, and C{json}.
+LOG_FORMAT_PRESETS = ("combined", "json")
+_LOG_ESCAPES = ("default", "json", "none")
+
+
 #: The values of C{balance}.
 BALANCE_POLICIES = ("round_robin", "least_conn", "random_two", "ip_hash", "hash")
 
@@ -206,7 +234,7 @@ class ServerBlock:
     allowed_origins: tuple[str, ...] = ()
     set_real_ip_from: tuple[str, ...] = ()
     add_header: tuple[tuple[str, str], ...] = ()
-    access_log: bool = True
+    access_log: bool | AccessLog = True
     server_name: str = ""
     proxy_next_upstream_non_idempotent: bool = False
     underscores_in_headers: bool = False
@@ -225,6 +253,8 @@ class ServerBlock:
     ssl_handshake_timeout: float = 60.0
     max_connections: int = 0
     max_connections_per_ip: int = 0
+    #: Connections start with a PROXY protocol header (see L{wsproxy.proxyprotocol}).
+    proxy_protocol: bool = False
 
     @property
     def isTLS(self) -> bool:
@@ -250,7 +280,7 @@ class ListenAddress(NamedTuple):
         return self.listen
 
 
-_EPHEMERAL = re.compile(r"^(?:tcp6?|ssl):(?:port=)?0(?::|$)")
+_EPHEMERAL = re.compile(r"^(?:haproxy:)?(?:tcp6?|ssl):(?:port=)?0(?::|$)")
 
 
 @dataclass(frozen=True)
@@ -276,6 +306,13 @@ class Config:
     workers: int = 1
     #: C{None}: no metrics listener (the default).
     metrics: Metrics | None = None
+    #: C{[log_format]}: name to (text, escape).
+    log_format: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    #: How long a drain waits for a tunnel's WebSocket close handshake.
+    websocket_close_timeout: float = 5.0
+    #: When a drain sends its 1001 Close frames (seconds after it begins),
+    #: if sooner than C{shutdown_timeout}; C{None}: only then.
+    websocket_drain_close_after: float | None = None
 
     @property
     def addresses(self) -> dict[ListenAddress, tuple[int, ...]]:
@@ -684,6 +721,7 @@ def _readServer(source: str, index: int, table: Any, upstreams: dict[str, Upstre
     values["max_headers"] = reader.count("max_headers", 100, minimum=1)
     values["max_connections"] = reader.count("max_connections", 0)
     values["max_connections_per_ip"] = reader.count("max_connections_per_ip", 0)
+    values["proxy_protocol"] = reader.get("proxy_protocol", bool, False)
     values["underscores_in_headers"] = reader.get("underscores_in_headers", bool, False)
     trusted = reader.strings("set_real_ip_from")
     for network in trusted:
@@ -766,7 +804,7 @@ def _readRequestKeys(
     for key, default in _REQUEST_TIMES:
         values[key] = reader.seconds(key, inherited.get(key, default))
     values["client_max_body_size"] = reader.size("client_max_body_size", inherited.get("client_max_body_size", 0))
-    values["access_log"] = reader.get("access_log", bool, inherited.get("access_log", True))
+    values["access_log"] = _readAccessLog(reader, inherited.get("access_log", True))
     values["proxy_next_upstream_non_idempotent"] = reader.get(
         "proxy_next_upstream_non_idempotent", bool, inherited.get("proxy_next_upstream_non_idempotent", False)
     )
@@ -1002,7 +1040,7 @@ def _sessionCache(reader: _Reader) -> int:
     C{ssl_session_cache} in nginx's syntax: C{"off"}/C{"none"} (0), a size
     (C{"10m"}), C{"builtin[:SESSIONS]"} or C{"shared:NAME:SIZE"}; a cache
     is on when the result is not 0.  OpenSSL's own cache is used in every
-    case (pyOpenSSL cannot size it; see the README).
+    case (pyOpenSSL cannot size it; see docs/tls.md).
     """
     value = reader.get("ssl_session_cache", (int, str), 10 * 1024 * 1024)
     if isinstance(value, int):
@@ -1048,13 +1086,17 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
     if not serverTables:
         raise ConfigError(source, "server", "at least one [[server]] block is required")
     servers = tuple(_readServer(source, i, t, upstreams) for i, t in enumerate(serverTables))
+    formats = _readLogFormats(source, reader.get("log_format", dict, {}))
     config = Config(
         source=source,
         upstreams=upstreams,
-        servers=servers,
+        servers=_withLogFormats(source, servers, formats),
+        log_format=formats,
         shutdown_timeout=reader.seconds("shutdown_timeout", 30.0),
         workers=reader.count("workers", 1, minimum=1),
         metrics=_readMetrics(source, reader.get("metrics", dict, None)),
+        websocket_close_timeout=reader.seconds("websocket_close_timeout", 5.0),
+        websocket_drain_close_after=_drainCloseAfter(reader),
     )
     reader.finish()
     if config.metrics is not None and config.workers > 1:
@@ -1073,6 +1115,101 @@ def _readMetrics(source: str, table: dict[str, Any] | None) -> Metrics | None:
         raise reader.fail("listen", 'required: a server endpoint, such as "tcp:9145:interface=127.0.0.1"')
     reader.finish()
     return Metrics(listen)
+
+
+def _readAccessLog(reader: _Reader, inherited: bool | AccessLog) -> bool | AccessLog:
+    """
+    C{access_log}: C{true} or C{false} (C{twistd}'s log, or none), a file
+    (C{"/var/log/wsproxy/access.log"}, in the C{combined} format), or a
+    table C{{ path = "...", format = "json" }} (without C{path}, the
+    formatted line goes to C{twistd}'s log).  The format's name is checked
+    once C{[log_format]} is read (L{_withLogFormats}).
+    """
+    value = reader.get("access_log", (bool, str, dict), inherited)
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        return value
+    unknown = sorted(set(value) - {"path", "format"})
+    if unknown:
+        raise reader.fail(f"access_log.{unknown[0]}", "unknown key (use path and format)")
+    path, name = value.get("path"), value.get("format", "combined")
+    if path is not None and (not isinstance(path, str) or not path or "\x00" in path):
+        raise reader.fail("access_log.path", "expected the path of a file")
+    if not isinstance(name, str) or not name:
+        raise reader.fail("access_log.format", "expected the name of a format")
+    if path is not None and not Path(path).parent.is_dir():
+        raise reader.fail("access_log.path", f"no such directory: {str(Path(path).parent)!r}")
+    return AccessLog(path=path, format=name)
+
+
+def _readLogFormats(source: str, table: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """
+    C{[log_format]}: C{NAME = "format"} (nginx's C{log_format NAME
+    'format'}) or C{NAME = {{ format = "...", escape = "json" }}}; each
+    is compiled now, so that a misspelt variable stops the load.
+    """
+    from .accesslog import compileLogFormat
+    from .variables import VariableError
+
+    formats = {}
+    for name, value in table.items():
+        key = f"log_format.{name}"
+        if not _PLAIN_NAME.match(name):
+            raise ConfigError(source, key, "a format's name is letters, digits, - and _")
+        if name in LOG_FORMAT_PRESETS:
+            raise ConfigError(source, key, f"{name!r} is a preset and cannot be defined again")
+        if isinstance(value, dict):
+            reader = _Reader(source, key, value)
+            text, escape = reader.get("format", str), reader.get("escape", str, "default")
+            reader.finish()
+        else:
+            text, escape = value, "default"
+        if not isinstance(text, str) or not text:
+            raise ConfigError(source, key, 'expected a format such as "$remote_addr $status", or a table with format')
+        if escape not in _LOG_ESCAPES:
+            raise ConfigError(source, f"{key}.escape", f"expected one of {', '.join(_LOG_ESCAPES)}, got {escape!r}")
+        try:
+            compileLogFormat(text, escape)
+        except VariableError as e:
+            raise ConfigError(source, key, str(e)) from None
+        formats[name] = (text, escape)
+    return formats
+
+
+def _withLogFormats(
+    source: str, servers: tuple[ServerBlock, ...], formats: dict[str, tuple[str, str]]
+) -> tuple[ServerBlock, ...]:
+    """The blocks with each C{access_log}'s format text filled in from C{[log_format]}."""
+
+    def resolve(where: str, block: ServerBlock) -> ServerBlock:
+        spec = block.access_log
+        if not isinstance(spec, AccessLog) or spec.format in LOG_FORMAT_PRESETS:
+            return block
+        if spec.format not in formats:
+            known = ", ".join((*LOG_FORMAT_PRESETS, *formats))
+            raise ConfigError(source, f"{where}.access_log", f"unknown format {spec.format!r} (known: {known})")
+        text, escape = formats[spec.format]
+        return replace(block, access_log=replace(spec, text=text, escape=escape))
+
+    resolved = []
+    for index, server in enumerate(servers):
+        locations = tuple(
+            Location(location.match, resolve(f"server[{index}].location[{position}]", location.block))
+            for position, location in enumerate(server.locations)
+        )
+        server = resolve(f"server[{index}]", server)
+        resolved.append(replace(server, locations=locations) if locations else server)
+    return tuple(resolved)
+
+
+def _drainCloseAfter(reader: _Reader) -> float | None:
+    """C{websocket_drain_close_after}: C{false} (off), C{true} (at once) or a duration."""
+    value = reader.table.get("websocket_drain_close_after", False)
+    if isinstance(value, bool):
+        reader.used.add("websocket_drain_close_after")
+        return 0.0 if value else None
+    return reader.seconds("websocket_drain_close_after", 0.0)
 
 
 def _checkVirtualHosts(config: Config) -> None:
@@ -1096,6 +1233,14 @@ def _checkVirtualHosts(config: Config) -> None:
                     f"{listen!r} is shared by server[{first}] and server[{index}], but only server[{tls}] has "
                     f"ssl_certificate (server[{plain}] does not): blocks on one address must agree on TLS",
                 )
+            if block.proxy_protocol != config.servers[first].proxy_protocol and not listen.startswith("haproxy:"):
+                expects, plain = (index, first) if block.proxy_protocol else (first, index)
+                raise ConfigError(
+                    config.source,
+                    f"server[{index}].proxy_protocol",
+                    f"{listen!r} is shared by server[{first}] and server[{index}], but only server[{expects}] has "
+                    f"proxy_protocol = true (server[{plain}] does not): blocks on one address must agree on it",
+                )
             if block.default_server:
                 if defaults:
                     raise ConfigError(
@@ -1114,18 +1259,37 @@ def _checkVirtualHosts(config: Config) -> None:
                 owners[name] = index
 
 
-def loadConfig(path: str | Path) -> Config:
+def loadConfig(path: str | Path, acceptUnsupported: bool = False) -> Config:
     """
-    Read and validate the TOML file at C{path}.
+    Read and validate the TOML file at C{path}, or the nginx configuration
+    there (recognised by its content), converted by L{wsproxy.nginxconf}.
 
-    @raise ConfigError: if it cannot be read, is not TOML, or is not valid.
+    @param acceptUnsupported: run an nginx configuration even when some of
+        its directives are unsupported and change what clients receive.
+    @raise ConfigError: if it cannot be read, is not TOML (nor nginx), or
+        is not valid.
     """
+    from .nginxconf import convertFile, looksLikeNginx
+
     source = str(path)
     try:
         with open(path, "rb") as f:
-            document = tomllib.load(f)
+            raw = f.read()
+        if looksLikeNginx(raw.decode("utf-8", "replace")):
+            conversion = convertFile(path)
+            blocking = conversion.blocking
+            if blocking and not acceptUnsupported:
+                first = blocking[0]
+                raise ConfigError(
+                    source,
+                    f"{first.where}: {first.directive}",
+                    f"unsupported, and it changes what clients receive: {first.detail} ({len(blocking)} such "
+                    "directive(s); --check lists them, --accept-unsupported runs without them)",
+                )
+            return parseConfig(conversion.document, source)
+        document = tomllib.loads(raw.decode("utf-8"))
     except OSError as e:
         raise ConfigError(source, "(file)", f"cannot read: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(source, "(syntax)", str(e)) from None
     return parseConfig(document, source)

@@ -124,7 +124,12 @@ _CHUNK_EXT = re.compile(
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _BARE_LF = re.compile(rb"(?<!\r)\n|\r(?!\n)")
-_LOOK_ALIKE = re.compile(rb"[^a-z0-9]")
+#: Every byte but a lowercase letter or digit: deleted to compare a name's letters.
+_NOT_ALNUM = bytes(b for b in range(256) if not (0x61 <= b <= 0x7A or 0x30 <= b <= 0x39))
+_LOOK_ALIKES = (b"contentlength", b"transferencoding")
+#: A whole header section that is well formed, line after line: checked
+#: in one pass; the lines are only looked at one by one to say what is wrong.
+_FIELD_BLOCK = re.compile(_TOKEN + rb":[^\x00\r\n]*(?:\r\n" + _TOKEN + rb":[^\x00\r\n]*)*")
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 #: Transfer codings a proxy can pass on without understanding them.
 _KNOWN_CODINGS = frozenset({b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
@@ -232,7 +237,7 @@ def _rejectLookAlikes(fields: dict[bytes, list[bytes]], status: int) -> None:
     backend that maps C{_} to C{-} (CGI, WSGI) would frame the body by it.
     """
     for name in fields:
-        if name not in _FRAMING and _LOOK_ALIKE.sub(b"", name) in (b"contentlength", b"transferencoding"):
+        if name not in _FRAMING and name.translate(None, _NOT_ALNUM) in _LOOK_ALIKES:
             raise HTTPError(status, "a header name that looks like a framing header")
 
 
@@ -243,11 +248,13 @@ def _splitFields(
         raise HTTPError(431 if status == 400 else status, f"more than {maxHeaders} header fields")
     headers = []
     fields: dict[bytes, list[bytes]] = {}
+    if lines and _FIELD_BLOCK.fullmatch(CRLF.join(lines)) is None:
+        for line in lines:
+            if _splitField(line) is None:
+                raise HTTPError(status, _fieldProblem(line))
     for line in lines:
-        field = _splitField(line)
-        if field is None:
-            raise HTTPError(status, _fieldProblem(line))
-        name, value = field
+        name, _, value = line.partition(b":")
+        value = value.strip(b" \t")
         headers.append((name, value))
         lower = name.lower()
         if lower in fields:

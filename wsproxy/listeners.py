@@ -32,14 +32,17 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from .accesslog import openAccessLogs
 from .config import Config, ConfigError, ListenAddress, ServerBlock
 from .discovery import PoolDiscovery, carryResolved
 from .health import PoolHealth, carryHealth
 from .metrics import NO_METRICS, MetricsService, ProxyMetrics
+from .proxyprotocol import ProxyHeaderFactory, bareListen, expectsProxyHeader
 from .router import AddressSettings
 from .routing import RoutingError
 from .server import ProxyFactory
 from .tls import PreparedTLS, ServerTLS, TLSConfigError, combineTLS, prepareTLS, upstreamTLSOptions
+from .tunnel import tunnelOf
 from .upstream import UpstreamPool
 
 __all__ = [
@@ -57,6 +60,11 @@ __all__ = [
 ]
 
 log = Logger()
+
+#: How long, after a drain's last close handshake had to end, connections
+#: still closing (a TLS close waiting for the peer) are given before they
+#: are dropped.
+CLOSE_GRACE = 1.0
 
 
 class StartupError(Exception):
@@ -126,13 +134,14 @@ def announceListening(name: str, port: Any) -> None:
 
 def parseListen(reactor: Any, source: str, index: int, listen: str) -> Any:
     """
-    The server endpoint for C{server[index].listen}.
+    The server endpoint for C{server[index].listen}; a C{haproxy:} prefix
+    is left to the L{Listener}, which reads the PROXY header itself.
 
     @raise ConfigError: if Twisted cannot parse it (an unknown endpoint
         type, a port that is not a number, ...).
     """
     try:
-        return serverFromString(reactor, listen)
+        return serverFromString(reactor, bareListen(listen))
     except Exception as e:
         raise ConfigError(source, f"server[{index}].listen", f"{listen!r}: {e}") from None
 
@@ -246,6 +255,10 @@ def checkReload(running: Config, new: Config) -> None:
         if was != new.servers[index].isTLS:
             change = "a plain listener cannot become a TLS one" if not was else "a TLS listener cannot drop TLS"
             raise ConfigError(source, f"server[{index}].ssl_certificate", f"{change} on reload; restart wsproxy")
+    for address in addresses:
+        if expectsProxyHeader(new, address) != expectsProxyHeader(running, address):
+            key = f"server[{new.addresses[address][0]}].proxy_protocol"
+            raise ConfigError(source, key, "turning the PROXY protocol on or off needs a restart")
     if new.workers != running.workers:
         raise ConfigError(source, "workers", "changing the number of workers needs a restart")
     if new.metrics != running.metrics:
@@ -255,7 +268,8 @@ def checkReload(running: Config, new: Config) -> None:
 class Listener(StreamServerEndpointService):
     """
     One C{[[server]]} block: its endpoint, its factory, and (for a TLS
-    listener) its swappable certificates.
+    listener) its swappable certificates.  With C{proxyProtocol}, each
+    connection's PROXY header is read before anything else, TLS included.
 
     @ivar announce: whether to log where it listens once bound (see
         L{announceListening}); a worker, which serves sockets its parent
@@ -267,7 +281,13 @@ class Listener(StreamServerEndpointService):
     port: Any = None
 
     def __init__(
-        self, block: ServerBlock, factory: Any, reactor: Any, tls: ServerTLS | None, endpoint: Any = None
+        self,
+        block: ServerBlock,
+        factory: Any,
+        reactor: Any,
+        tls: ServerTLS | None,
+        endpoint: Any = None,
+        proxyProtocol: bool | None = None,
     ) -> None:
         self.block = block
         #: The address, as written in C{listen}.
@@ -277,9 +297,13 @@ class Listener(StreamServerEndpointService):
         #: What a bind failure names first: C{"FILE: server[I].listen"}.
         self.where = "listen"
         if endpoint is None:
-            endpoint = serverFromString(reactor, block.listen)
+            endpoint = serverFromString(reactor, bareListen(block.listen))
         if tls is not None:
             factory = tls.wrapFactory(factory)
+        if proxyProtocol is None:
+            proxyProtocol = block.proxy_protocol or block.listen != bareListen(block.listen)
+        if proxyProtocol:
+            factory = ProxyHeaderFactory(factory, reactor, lambda: self.block.client_header_timeout)
         super().__init__(endpoint, factory)
         self._raiseSynchronously = True
 
@@ -349,6 +373,7 @@ class ProxyService(MultiService):
             reactor = globalReactor
         self.reactor = reactor
         prepared = prepareConfig(config, reactor)
+        openAccessLogs(config)
         self.config = config
         #: The proxy's metrics (L{wsproxy.metrics.ProxyMetrics}), or L{NO_METRICS}.
         self.metrics: Any = NO_METRICS
@@ -373,7 +398,8 @@ class ProxyService(MultiService):
             tlsPrepared = prepared.tls[address]
             tls = ServerTLS(tlsPrepared.block, reactor, tlsPrepared) if tlsPrepared is not None else None
             block = config.servers[config.defaultServer(address)]
-            listener = Listener(block, ProxyFactory(prepared.settings[address]), reactor, tls, endpoint)
+            proxyProtocol = expectsProxyHeader(config, address)
+            listener = Listener(block, ProxyFactory(prepared.settings[address]), reactor, tls, endpoint, proxyProtocol)
             listener.address = address
             listener.listen = listen
             listener.where = f"{config.source}: server[{indexes[0]}].listen"
@@ -433,6 +459,7 @@ class ProxyService(MultiService):
                 carryHealth(old, pool)
             monitors[name] = self._monitorsFor(pool)
         self.metrics.instrument(prepared, self.listeners)
+        openAccessLogs(config)
         # Nothing below can fail.
         for listener in self.listeners:
             tls = prepared.tls[listener.address]
@@ -459,7 +486,9 @@ class ProxyService(MultiService):
     def stopService(self) -> Deferred:
         """
         Stop accepting, let exchanges under way finish and give open tunnels
-        C{shutdown_timeout} seconds before they are closed.
+        C{shutdown_timeout} seconds (or C{websocket_drain_close_after})
+        before they are closed: a WebSocket tunnel with a close handshake
+        (L{wsproxy.tunnel.Tunnel.goAway}), anything else at once.
         """
         Service.stopService(self)
         for watching in self.monitors.values():
@@ -474,7 +503,13 @@ class ProxyService(MultiService):
 
     def _drain(self) -> Deferred:
         done: Deferred = Deferred()
-        deadline = self.reactor.seconds() + self.config.shutdown_timeout
+        config = self.config
+        now = self.reactor.seconds()
+        deadline = now + config.shutdown_timeout
+        closeAfter = config.websocket_drain_close_after
+        goAwayAt = deadline if closeAfter is None else min(deadline, now + closeAfter)
+        # Past this, even a close handshake under way is cut short.
+        lastCall = deadline + config.websocket_close_timeout + CLOSE_GRACE
         factories = [listener.proxyFactory for listener in self.listeners]
         for factory in factories:
             factory.drain()
@@ -482,17 +517,28 @@ class ProxyService(MultiService):
             pool.closeIdle()
 
         def check() -> None:
-            remaining = sum(len(getattr(f, "connections", ())) for f in factories)
-            if not remaining:
+            legs = [leg for f in factories for leg in getattr(f, "connections", ())]
+            if not legs:
                 done.callback(None)
                 return
-            if self.reactor.seconds() >= deadline:
-                log.info("shutdown: closing {count} connections still open", count=remaining)
-                for factory in factories:
-                    for protocol in list(getattr(factory, "connections", ())):
-                        protocol.abort()
-                done.callback(None)
-                return
+            now = self.reactor.seconds()
+            if now >= goAwayAt:
+                tunnels = [t for t in map(tunnelOf, legs) if t is not None and t.goingAway is None and not t.closed]
+                if tunnels:
+                    log.info("shutdown: closing {count} tunnels (WebSocket: 1001 Going Away)", count=len(tunnels))
+                for tunnel in tunnels:
+                    tunnel.goAway(config.websocket_close_timeout)
+            if now >= deadline:
+                # Tunnels end with their close handshakes; the rest end now.
+                over = now >= lastCall
+                cut = legs if over else [leg for leg in legs if tunnelOf(leg) is None]
+                if cut:
+                    log.info("shutdown: closing {count} connections still open", count=len(cut))
+                for leg in cut:
+                    leg.abort()
+                if over:
+                    done.callback(None)
+                    return
             self.reactor.callLater(0.1, check)
 
         check()

@@ -19,8 +19,9 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from .accesslog import logRequest
 from .acme import readChallenge
-from .config import ServerBlock
+from .config import AccessLog, ServerBlock
 from .http import CRLF, HEAD_END, HTTPError, RequestHead, errorResponse
 from .interfaces import IExchange, IRequestLoop
 from .server import ConnectionSettings, ListenerFactory
@@ -126,7 +127,9 @@ class RedirectAnswer:
         body = f"Redirecting to {location}\n".encode("ascii")
         headers = [(b"Location", location.encode("ascii")), (b"Content-Type", b"text/plain; charset=utf-8")]
         self._write(status, headers, body, keepAlive)
-        if self.settings.block.access_log:
+        if isinstance(self.settings.block.access_log, AccessLog):
+            self._log(status, len(body))
+        elif self.settings.block.access_log:
             log.info(
                 '{client} "{method} {target}" {status} -> {location}',
                 client=self.loop.leg.clientAddress,
@@ -135,6 +138,24 @@ class RedirectAnswer:
                 status=status,
                 location=location,
             )
+
+    def _log(self, status: int, bytesOut: int) -> None:
+        """A line in the C{access_log}'s format."""
+        request = self.request
+        logRequest(
+            client=self.loop.leg.clientAddress,
+            method=request.method.decode("ascii"),
+            target=request.target.decode("ascii", "backslashreplace"),
+            status=status,
+            upstream="-",
+            bytesIn=0,
+            bytesOut=bytesOut,
+            duration=0.0,
+            destination=self.settings.block.access_log,
+            request=request,
+            leg=self.loop.leg,
+            settings=self.settings,
+        )
 
     def _listenerName(self, local: Any) -> str:
         """

@@ -191,6 +191,10 @@ class Exchange:
         self.statusOverride = 0
         #: C{(status, message) -> IExchange | None}: the C{error_page} for an error of the proxy's own.
         self.errorPage: Any = None
+        #: The request's variables, once a template needed them (the access log reads the same $request_id).
+        self.context: Any = None
+        #: The size of the response head sent (C{$bytes_sent}).
+        self.headBytes = 0
 
     @property
     def readyForBody(self) -> bool:
@@ -313,32 +317,17 @@ class Exchange:
         headers = forwardedRequestHeaders(
             request, trustedClient=trusted, underscores=settings.block.underscores_in_headers
         )
-        own = {
-            b"host": host,
-            b"x-forwarded-for": forwardedFor(request, self.client.clientAddress, settings, trusted),
-            b"x-real-ip": (request.first(b"x-real-ip") if trusted else None) or address,
-            b"x-forwarded-proto": settings.scheme,
-            b"x-forwarded-host": host,
-        }
-        setNames = settings.setNames
-        if setNames:
-            # proxy_set_header: the configured value replaces the proxy's and
-            # the client's; an empty one removes the header.
-            headers = [(name, value) for name, value in headers if name.lower() not in setNames]
-            context = self._variables()
-            for lower, name, template in settings.setHeaders:
-                value = template.expand(context)
-                own.pop(lower, None)
-                if value:
-                    if not headerValueOK(value):
-                        raise HTTPError(400, f"proxy_set_header {name.decode()} would carry a line break")
-                    headers.append((name, value))
-        lines = [b"%b %b HTTP/1.1" % (request.method, self.target)]
-        if b"host" in own:
-            lines.append(b"Host: " + own.pop(b"host"))
-        lines.extend(b"%b: %b" % pair for pair in headers)
-        for name, value in own.items():
-            lines.append(_OWN_NAMES[name] + b": " + value)
+        forwarded = forwardedFor(request, self.client.clientAddress, settings, trusted)
+        realIP = (request.first(b"x-real-ip") if trusted else None) or address
+        if not settings.setNames:
+            lines = [b"%b %b HTTP/1.1" % (request.method, self.target), b"Host: " + host]
+            lines.extend(b"%b: %b" % pair for pair in headers)
+            lines.append(b"X-Forwarded-For: " + forwarded)
+            lines.append(b"X-Real-IP: " + realIP)
+            lines.append(b"X-Forwarded-Proto: " + settings.scheme)
+            lines.append(b"X-Forwarded-Host: " + host)
+        else:
+            lines = self._setHeaders(host, headers, forwarded, realIP)
         if request.chunked:
             lines.append(b"Transfer-Encoding: " + b", ".join((*request.transferCodings, b"chunked")))
         elif b"content-length" in request.fields:
@@ -350,8 +339,43 @@ class Exchange:
             lines.append(b"Connection: close")
         return CRLF.join(lines) + HEAD_END
 
+    def _setHeaders(
+        self, host: bytes, headers: list[tuple[bytes, bytes]], forwarded: bytes, realIP: bytes
+    ) -> list[bytes]:
+        """
+        The head's lines with nginx's C{proxy_set_header}: a configured
+        value replaces the proxy's and the client's; an empty one removes
+        the header.
+        """
+        settings = self.settings
+        own = {
+            b"host": host,
+            b"x-forwarded-for": forwarded,
+            b"x-real-ip": realIP,
+            b"x-forwarded-proto": settings.scheme,
+            b"x-forwarded-host": host,
+        }
+        setNames = settings.setNames
+        headers = [(name, value) for name, value in headers if name.lower() not in setNames]
+        context = self._variables()
+        for lower, name, template in settings.setHeaders:
+            value = template.expand(context)
+            own.pop(lower, None)
+            if value:
+                if not headerValueOK(value):
+                    raise HTTPError(400, f"proxy_set_header {name.decode()} would carry a line break")
+                headers.append((name, value))
+        lines = [b"%b %b HTTP/1.1" % (self.request.method, self.target)]
+        if b"host" in own:
+            lines.append(b"Host: " + own.pop(b"host"))
+        lines.extend(b"%b: %b" % pair for pair in headers)
+        lines.extend(_OWN_NAMES[name] + b": " + value for name, value in own.items())
+        return lines
+
     def _variables(self) -> Any:
         """The request's nginx variables, for C{proxy_set_header}."""
+        if self.context is not None:
+            return self.context
         from .routing import normalizePath, splitTarget
         from .variables import RequestContext
 
@@ -362,7 +386,7 @@ class Exchange:
         except HTTPError:
             uri = path
         settings = self.settings
-        return RequestContext(
+        self.context = RequestContext(
             self.request,
             client.clientAddress,
             getattr(client.transport.getPeer(), "port", 0),
@@ -374,6 +398,7 @@ class Exchange:
             forwardedFor(self.request, client.clientAddress, settings),
             underscores=settings.block.underscores_in_headers,
         )
+        return self.context
 
     def _ownName(self) -> bytes:
         """
@@ -492,7 +517,9 @@ class Exchange:
         elif not http11:
             framing.append(b"Connection: keep-alive")
         framing.extend(self._stickyLines())
-        self._emit(self._responseHeadBytes(head, framing))
+        headBytes = self._responseHeadBytes(head, framing)
+        self.headBytes = len(headBytes)
+        self._emit(headBytes)
         self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseBodyStalled)
 
     def _responseHeadBytes(self, head: ResponseHead, framing: list[bytes]) -> bytes:
@@ -592,7 +619,7 @@ class Exchange:
         upstream = self.upstream
         upstream.cancelTimer()
         upstream.sendTimeout = self.settings.block.send_timeout
-        self.loop.switchToTunnel(upstream, early, self._logFields(), self.settings, self.lease)
+        self.loop.switchToTunnel(upstream, early, dict(self._logFields(), request=request), self.settings, self.lease)
 
     # Endings
 
@@ -728,6 +755,13 @@ class Exchange:
                 bytesOut=self.bytesOut,
                 duration=self.clock.seconds() - self.started,
                 **self._logFields(),
+                destination=self.settings.block.access_log,
+                request=self.request,
+                leg=self.client,
+                settings=self.settings,
+                context=self.context,
+                upstreamStatus=self._response.status if self._response is not None else None,
+                headBytes=self.headBytes,
             )
 
     def _logFields(self) -> dict[str, Any]:

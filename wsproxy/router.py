@@ -176,14 +176,14 @@ class AddressSettings(ConnectionSettings):
     its virtual hosts.
     """
 
-    maxBodySize = 0
-
     def __init__(
         self, config: Config, address: ListenAddress, pools: Mapping[str, UpstreamPool], reactor: Any, secure: bool
     ) -> None:
         indexes = config.addresses[address]
         default = config.defaultServer(address)
         super().__init__(config.servers[default])
+        # The body limit is the location's: the head is read without one.
+        self.maxBodySize = 0
         self.address = address
         if not secure:
             self.extraHeaders = withoutHSTS(self.extraHeaders)
@@ -194,7 +194,7 @@ class AddressSettings(ConnectionSettings):
         self.vhosts = [VirtualHost(i, config.servers[i], pools, reactor, secure) for i in indexes]
         byIndex = {vhost.index: vhost for vhost in self.vhosts}
         self.defaultHost = byIndex[default]
-        self.names = ServerNames([(vhost.block.server_names, vhost) for vhost in self.vhosts], self.defaultHost)
+        self.names = ServerNames(_implicitNames(self.vhosts), self.defaultHost)
         protocols = {p.encode("ascii") for block in self._blocks() for p in block.upgrade_protocols}
         self.upgradeProtocols = frozenset(protocols)
 
@@ -206,7 +206,11 @@ class AddressSettings(ConnectionSettings):
     def answer(self, loop: RequestLoop, request: RequestHead) -> IExchange:
         """The exchange that answers C{request}: see the module's docstring."""
         host = normalizeHost(request.host) if request.host else b""
-        vhost = self.names.lookup(host)
+        if self.secure and not host:
+            # No Host (HTTP/1.0): the server the TLS name chose answers.
+            vhost = self._sniHost(loop)
+        else:
+            vhost = self.names.lookup(host)
         if self.secure and vhost is not self._sniHost(loop):
             answer: Any = ErrorAnswer(
                 loop, request, 421, "this connection's TLS name is for another server", vhost.extraHeaders
@@ -429,7 +433,10 @@ class _Routing:
             if page is not None:
                 return page
         extra = location.extraHeaders if location is not None else self.vhost.extraHeaders
-        return ErrorAnswer(self.loop, self.request, self.status or status, message or "error", extra, headers=headers)
+        accessLog = (location.block if location is not None else self.vhost.block).access_log
+        return ErrorAnswer(
+            self.loop, self.request, self.status or status, message or "error", extra, headers, accessLog
+        )
 
     def _redirect(self, location: LocationSettings, status: int, target: bytes) -> IExchange:
         """A redirect; a relative target is made absolute, as nginx's C{absolute_redirect}."""
@@ -464,6 +471,22 @@ class _Routing:
             self.captures,
             underscores=location.block.underscores_in_headers,
         )
+
+
+def _implicitNames(vhosts: list[VirtualHost]) -> list[tuple[tuple[str, ...], VirtualHost]]:
+    """
+    Each virtual host's names; the first block without a C{server_name}
+    is named C{""}, as in nginx, so that it answers requests without a
+    C{Host} (HTTP/1.0) even when it is not the default server.
+    """
+    entries = []
+    unnamed = False
+    for vhost in vhosts:
+        names = vhost.block.server_names
+        if not names and not unnamed and not any("" in v.block.server_names for v in vhosts):
+            names, unnamed = ("",), True
+        entries.append((names, vhost))
+    return entries
 
 
 def withoutHSTS(headers: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:

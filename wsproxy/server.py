@@ -18,6 +18,7 @@ request is answered, so no client can make the proxy buffer without limit.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,9 @@ PIPELINE_BUFFER = 65536
 
 #: How long a refused connection (503) may take to close before it is dropped.
 REFUSAL_BOUND = 5.0
+
+#: Client connections' serial numbers (C{$connection}).
+_serials = itertools.count(1)
 
 
 class ConnectionSettings:
@@ -118,6 +122,10 @@ class RequestLoop:
     """
 
     exchange: Any = None
+    #: How many requests the connection has begun (C{$connection_requests}).
+    requests = 0
+    #: Whether the request under way was read from bytes that came with an earlier one (C{$pipe}).
+    pipelined = False
 
     def __init__(
         self,
@@ -206,6 +214,7 @@ class RequestLoop:
             self._pumping = False
 
     def _begin(self, request: RequestHead) -> None:
+        self.requests += 1
         self._idle = False
         self.leg.cancelTimer()
         try:
@@ -245,6 +254,7 @@ class RequestLoop:
             self._adopt(self.factory.settings)
         self._idle = True
         leg.setDeadline(self.block.keepalive_timeout, leg.close)
+        self.pipelined = bool(cycle.buffered)
         if cycle.buffered:
             self._pump()
 
@@ -273,10 +283,12 @@ class RequestLoop:
         self.exchange = None
         leg = self.leg
         leg.cancelTimer()
+        websocket = self.cycle.request is not None and self.cycle.request.upgrade == b"websocket"
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
         leg.loop = None  # nothing of the HTTP layer stays with a tunnel
-        Tunnel(leg, upstream, settings or self.settings, logFields, lease).start(early, fromUpstream)
+        tunnel = Tunnel(leg, upstream, settings or self.settings, logFields, lease, websocket=websocket)
+        tunnel.start(early, fromUpstream)
 
     # What the leg tells the loop
 
@@ -339,6 +351,7 @@ class ClientLeg(Leg):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.serial = next(_serials)
         factory = self.factory
         self.loop = self.owner = RequestLoop(self, factory.settings, factory.startExchange, factory)
 

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from .accesslog import logRequest
+from .config import AccessLog
 from .http import CRLF, HEAD_END, HTTPError, RequestHead
 from .interfaces import IExchange, IRequestLoop
 from .metrics import NO_METRICS
@@ -393,7 +394,7 @@ class StaticAnswer:
         path: Path,
         extraHeaders: tuple[tuple[bytes, bytes], ...] = (),
         status: int = 200,
-        accessLog: bool = True,
+        accessLog: bool | AccessLog = True,
     ) -> None:
         self.loop = loop
         self.request = request
@@ -632,6 +633,10 @@ class StaticAnswer:
                 bytesIn=0,
                 bytesOut=self.bytesOut,
                 duration=self.clock.seconds() - self.started,
+                destination=self.accessLog,
+                request=request,
+                leg=self.loop.leg,
+                settings=self.loop.settings,
             )
 
     def _finish(self) -> None:

@@ -11,7 +11,9 @@ the address.
 
 SIGHUP reloads the file (and the certificates) as one transaction: a file
 that does not load, or that cannot be applied without a restart, is logged
-in one line and the running configuration stays wholly in force.
+in one line and the running configuration stays wholly in force.  SIGUSR1
+reopens the access-log files (after logrotate moved them); with workers,
+the parent sends it on to each of them.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
+from .accesslog import reopenAccessLogs
 from .config import Config, ConfigError, loadConfig
 from .listeners import StartupError
 from .listeners import makeService as makeProxyService
 from .metrics import noteReload
 
-__all__ = ["Options", "WsproxyService", "checkConfig", "makeService", "reloadFrom"]
+__all__ = ["OnHangup", "OnUsr1", "Options", "WsproxyService", "checkConfig", "makeService", "reloadFrom", "reopenLogs"]
 
 log = Logger()
 
@@ -44,7 +47,7 @@ class Options(usage.Options):
         "listeners in front of a round-robin pool of upstream servers."
     )
     optParameters = [
-        ["config", "c", None, "The TOML configuration file."],
+        ["config", "c", None, "The configuration file: wsproxy's TOML, or an nginx.conf (converted as it is read)."],
         ["demo-port", None, 8080, "The port of the demo proxy (with --demo).", int],
     ]
     optFlags = [
@@ -55,7 +58,23 @@ class Options(usage.Options):
             "Load the configuration and everything it names (TLS files included), print the routing "
             "table and exit 0, or print the error and exit 1; nothing is bound (nginx -t).",
         ],
+        [
+            "accept-unsupported",
+            None,
+            "Run an nginx configuration even when it has unsupported directives that change what clients "
+            "receive (they are skipped; --check lists them).",
+        ],
     ]
+
+    def opt_version(self) -> NoReturn:
+        """Print wsproxy's version (and Twisted's and Python's) and exit."""
+        from twisted import version as twistedVersion
+
+        from . import __version__
+
+        python = ".".join(map(str, sys.version_info[:3]))
+        print(f"wsproxy {__version__} (Twisted {twistedVersion.short()}, Python {python})")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         if not self["config"] and not self["demo"]:
@@ -82,10 +101,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
         return makeDemoService(options["demo-port"], reactor)
     path = options["config"]
+    accept = bool(options["accept-unsupported"])
     if options["check"]:
-        checkConfig(path, reactor)
+        checkConfig(path, reactor, acceptUnsupported=accept)
     try:
-        config = loadConfig(path)
+        config = loadConfig(path, accept)
         if config.workers > 1:
             from .workers import WorkerPool, stopWithStatus
 
@@ -98,25 +118,29 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     foreground = parent is None or bool(parent.get("nodaemon", True))
     top = WsproxyService(foreground)
     service.setServiceParent(top)
-    OnHangup(reactor, lambda: reloadFrom(service, path)).setServiceParent(top)
+    OnHangup(reactor, lambda: reloadFrom(service, path, accept)).setServiceParent(top)
+    OnUsr1(reactor, lambda: reopenLogs(service)).setServiceParent(top)
     return top
 
 
-def checkConfig(path: str, reactor: Any, out: Any = None) -> NoReturn:
+def checkConfig(path: str, reactor: Any, out: Any = None, acceptUnsupported: bool = False) -> NoReturn:
     """
     C{--check}: load C{path} and build everything it needs, as a start
     would, without binding; print the routing table and exit 0, or the
-    one-line error and exit 1.
+    one-line error and exit 1.  For an nginx configuration, the conversion
+    report comes first.
     """
     from .listeners import prepareConfig
+    from .nginxconf import printReport
     from .router import routingTable
 
+    stream = out or sys.stdout
     try:
-        config = loadConfig(path)
+        printReport(path, stream)
+        config = loadConfig(path, acceptUnsupported)
         prepareConfig(config, reactor)
     except ConfigError as e:
         raise SystemExit(f"wsproxy: {e}") from None
-    stream = out or sys.stdout
     stream.write(f"wsproxy: {path}: the configuration is valid\n{routingTable(config)}\n")
     stream.flush()
     raise SystemExit(0)
@@ -166,7 +190,7 @@ class WsproxyService(MultiService):
         raise SystemExit(1)
 
 
-def reloadFrom(service: Any, path: str) -> bool:
+def reloadFrom(service: Any, path: str, acceptUnsupported: bool = False) -> bool:
     """
     Load the file at C{path} again and apply it to C{service} (a
     L{ProxyService}, or the L{WorkerPool} that sends it to its workers);
@@ -176,7 +200,7 @@ def reloadFrom(service: Any, path: str) -> bool:
     @return: whether the new configuration is in force.
     """
     try:
-        config: Config = loadConfig(path)
+        config: Config = loadConfig(path, acceptUnsupported)
         service.reload(config)
     except ConfigError as e:
         noteReload(service, ok=False)
@@ -190,8 +214,19 @@ def reloadFrom(service: Any, path: str) -> bool:
     return True
 
 
+def reopenLogs(service: Any) -> None:
+    """Reopen the access logs: this process's, or each worker's (it reopens its own on the signal)."""
+    signalWorkers = getattr(service, "signalWorkers", None)
+    if signalWorkers is not None:
+        signalWorkers(signal.SIGUSR1)  # Twisted names only TERM, KILL, INT, HUP and STOP
+    else:
+        reopenAccessLogs()
+
+
 class OnHangup(Service):
     """Runs an action in the reactor thread on each SIGHUP while running."""
+
+    signalNumber = signal.SIGHUP
 
     def __init__(self, reactor: Any, action: Callable[[], object]) -> None:
         self.reactor = reactor
@@ -201,15 +236,21 @@ class OnHangup(Service):
     def startService(self) -> None:
         super().startService()
         try:
-            self._previous = signal.signal(signal.SIGHUP, self._hangup)
+            self._previous = signal.signal(self.signalNumber, self._hangup)
         except ValueError:
             self._previous = None
 
     def stopService(self) -> Any:
         if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
+            signal.signal(self.signalNumber, self._previous)
             self._previous = None
         return super().stopService()
 
     def _hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.action)
+
+
+class OnUsr1(OnHangup):
+    """Runs an action in the reactor thread on each SIGUSR1 while running (nginx's "reopen")."""
+
+    signalNumber = signal.SIGUSR1

@@ -10,12 +10,18 @@ writes do not move for C{send_timeout} is dropped, and when one side
 closes the other is closed once its pending data is written.  There is no
 idle timeout unless C{websocket_idle_timeout} asks for one.
 
+A WebSocket tunnel also follows the frame boundaries of each direction
+(L{wsproxy.frames.FrameTracker}), so that a drain can end it with a close
+handshake of its own (L{Tunnel.goAway}, L{wsproxy.goingaway}) and the
+access log can say which close code passed.
+
 The tunnel takes the legs over from the exchange by becoming their owner:
 nothing of the HTTP layer stays on the data path.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -23,6 +29,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .accesslog import logTunnel
+from .frames import FrameTracker
+from .goingaway import GoingAway
 from .interfaces import ILegOwner
 from .upstream import Lease
 
@@ -30,7 +38,7 @@ if TYPE_CHECKING:
     from .leg import Leg
     from .server import ListenerSettings
 
-__all__ = ["Tunnel"]
+__all__ = ["Tunnel", "tunnelOf"]
 
 log = Logger()
 
@@ -39,13 +47,14 @@ log = Logger()
 class _TunnelEnd:
     """One side of a tunnel: what it reads goes to the other side as it is."""
 
-    __slots__ = ("tunnel", "side", "write", "count")
+    __slots__ = ("tunnel", "side", "write", "count", "frames")
 
-    def __init__(self, tunnel: Tunnel, side: str, towards: Leg) -> None:
+    def __init__(self, tunnel: Tunnel, side: str, towards: Leg, frames: FrameTracker | None = None) -> None:
         self.tunnel = tunnel
         self.side = side
         self.write = towards.write
         self.count = 0
+        self.frames = frames
 
     def dataReceived(self, data: bytes) -> None:
         self.count += len(data)
@@ -58,11 +67,41 @@ class _TunnelEnd:
         pass
 
 
+class _TrackedEnd(_TunnelEnd):
+    """One side of a WebSocket tunnel: the frames it relays are followed on the way."""
+
+    __slots__ = ("feed",)
+
+    def __init__(self, tunnel: Tunnel, side: str, towards: Leg, frames: FrameTracker) -> None:
+        super().__init__(tunnel, side, towards, frames)
+        self.feed = frames.feed
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count += len(data)
+        self.feed(data)
+        self.write(data)
+
+
+def tunnelOf(leg: Leg) -> Tunnel | None:
+    """The tunnel C{leg} is an end of, if it is one."""
+    return getattr(leg.owner, "tunnel", None)
+
+
 class Tunnel:
     """
     Raw pass-through between a client and an upstream after a protocol
     switch.
+
+    @ivar closeCode: the status code of the first Close frame that passed
+        (or that the proxy sent), either way; C{None} if none did.
+    @ivar closeFrom: who sent that Close: C{"client"}, C{"upstream"} or
+        C{"proxy"} (a drain's L{GOING_AWAY<wsproxy.frames.GOING_AWAY>}).
+    @ivar goingAway: the drain's close handshake, once L{goAway} began it.
     """
+
+    closeCode: int | None = None
+    closeFrom: str | None = None
+    goingAway: GoingAway | None = None
 
     def __init__(
         self,
@@ -71,7 +110,13 @@ class Tunnel:
         settings: ListenerSettings,
         logFields: dict[str, Any],
         lease: Lease | None = None,
+        websocket: bool = False,
     ) -> None:
+        """
+        @param websocket: whether the protocol switched to is WebSocket:
+            only then are frames followed, and a drain can close with a
+            Close frame.
+        """
         self.client = client
         self.upstream = upstream
         self.settings = settings
@@ -81,8 +126,16 @@ class Tunnel:
         self.lease = lease or Lease()
         self.lease.becomeTunnel()
         self.closed = False
-        self._fromClient = _TunnelEnd(self, "client", upstream)
-        self._fromUpstream = _TunnelEnd(self, "upstream", client)
+        #: Why the proxy closed the tunnel (C{"idle_timeout"}), if it did.
+        self.closeReason: str | None = None
+        if websocket:
+            fromClient = FrameTracker(masked=True, onClose=partial(self.closeSeen, "client"))
+            fromUpstream = FrameTracker(masked=False, onClose=partial(self.closeSeen, "upstream"))
+            self._fromClient: _TunnelEnd = _TrackedEnd(self, "client", upstream, fromClient)
+            self._fromUpstream: _TunnelEnd = _TrackedEnd(self, "upstream", client, fromUpstream)
+        else:
+            self._fromClient = _TunnelEnd(self, "client", upstream)
+            self._fromUpstream = _TunnelEnd(self, "upstream", client)
 
     @property
     def bytesIn(self) -> int:
@@ -122,6 +175,7 @@ class Tunnel:
             seconds=self.settings.block.websocket_idle_timeout,
             **self.logFields,
         )
+        self.closeReason = "idle_timeout"
         self.close()
 
     def close(self) -> None:
@@ -129,19 +183,53 @@ class Tunnel:
         self.client.close()
         self.upstream.close()
 
+    def closeSeen(self, side: str, code: int) -> None:
+        """A Close frame with C{code} passed (or the proxy sent one): remember the first."""
+        if self.closeCode is None:
+            self.closeCode = code
+            self.closeFrom = side
+
+    def goAway(self, timeout: float) -> None:
+        """
+        Shutting down: send both ends a Close frame with status 1001 (Going
+        Away), each at the next frame boundary of its direction, give the
+        close handshakes C{timeout} seconds, then close.  A tunnel that is
+        not WebSocket (or whose bytes stopped being valid framing) is
+        closed at once, as is every tunnel if C{timeout} is 0.
+        """
+        if self.closed or self.goingAway is not None:
+            return
+        self.closeReason = "drain"
+        trackers = (self._fromClient.frames, self._fromUpstream.frames)
+        if not timeout or any(frames is None or frames.failed is not None for frames in trackers):
+            self.close()
+            return
+        self.goingAway = GoingAway(self, self._fromClient, self._fromUpstream, timeout)
+        self.goingAway.start()
+
     def sideClosed(self, side: str) -> None:
         """One side's connection is gone: close the other, and log the tunnel once."""
-        (self.upstream if side == "client" else self.client).close()
+        if self.goingAway is not None:
+            self.goingAway.sideClosed(side)
+        else:
+            (self.upstream if side == "client" else self.client).close()
         if self.closed:
             return
         self.closed = True
         self.lease.release()
         self.settings.metrics.tunnelEnded(self.started, self.bytesIn, self.bytesOut)
         if self.settings.block.access_log:
+            if self.client.sendTimedOut or self.upstream.sendTimedOut:
+                self.closeReason = self.closeReason or "send_timeout"
             logTunnel(
                 bytesIn=self.bytesIn,
                 bytesOut=self.bytesOut,
                 duration=self.clock.seconds() - self.started,
-                side=side,
+                side="proxy" if self.closeReason else side,
                 **self.logFields,
+                destination=self.settings.block.access_log,
+                leg=self.client,
+                settings=self.settings,
+                closeReason=self.closeReason,
+                closeCode=self.closeCode,
             )

@@ -458,6 +458,13 @@ class UpstreamPool:
         @raise NoUpstreamAvailable: if no server is in rotation.
         """
         now = self._reactor.seconds()
+        servers = self.servers
+        if len(servers) == 1:
+            # One server (a proxy_pass URL): nothing to choose between.
+            only = servers[0]
+            self._refresh(only, now)
+            if only.inRotation and only.isUp(now) and not only.isFull:
+                return [only]
         full = False
         chosen: list[UpstreamServer] = []
         spare: list[UpstreamServer] = []

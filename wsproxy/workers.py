@@ -19,6 +19,9 @@ worker; each later one is a reload, applied with L{ProxyService.reload}.
 So a worker started again after it died serves what the parent runs, not
 whatever the file says by then.
 
+SIGUSR1 (reopen the access logs) is sent on by the parent to every worker,
+which reopens its own files.
+
 SIGHUP reaches the parent only (workers ignore it): the parent loads and
 checks the file with the same rules as a single-process reload and, if it
 is good, sends it to every worker; if not, it logs one line and the
@@ -55,6 +58,7 @@ from twisted.protocols.basic import Int32StringReceiver
 from twisted.python import usage
 from twisted.python.failure import Failure
 
+from .accesslog import reopenAccessLogs
 from .config import Config, ConfigError
 from .listeners import (
     StartupError,
@@ -446,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     options.parseOptions(list(sys.argv[1:] if argv is None else argv))
     # Only the parent reloads; a worker takes its configuration from it.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # The parent sends SIGUSR1 on: each worker reopens its own access logs.
+    signal.signal(signal.SIGUSR1, lambda signum, frame: reactor.callFromThread(reopenAccessLogs))
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout, timeFormat="")], redirectStandardIO=False)
     families = {"INET": socket.AF_INET, "INET6": socket.AF_INET6, "UNIX": socket.AF_UNIX}
     endpoints = [AdoptedStreamServerEndpoint(reactor, fd, families[family]) for fd, family in options["fds"]]
