@@ -28,6 +28,7 @@ setup(
         "pyopenssl>=24",
         "service-identity>=24",
         "autobahn>=24",
+        "prometheus-client>=0.20",
         # wsproxy-from-nginx and --config nginx.conf: nginx's own grammar.
         "crossplane>=0.5",
     ],

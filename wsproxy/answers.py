@@ -24,6 +24,7 @@ from .accesslog import logRequest
 from .config import AccessLog
 from .http import CRLF, HEAD_END, RequestHead, errorResponse
 from .interfaces import IExchange, IRequestLoop
+from .metrics import NO_METRICS
 
 __all__ = ["CloseAnswer", "ErrorAnswer", "TextAnswer"]
 
@@ -40,6 +41,8 @@ class _Answer:
     """What the proxy's own answers share: no body to read, nothing to stream."""
 
     readyForBody = False
+    #: Set by the router to the recorder of the place that answers.
+    metrics: Any = NO_METRICS
 
     def __init__(
         self, loop: IRequestLoop, request: RequestHead, extraHeaders: Any, accessLog: bool | AccessLog = True
@@ -65,6 +68,7 @@ class _Answer:
         ErrorAnswer(self.loop, self.request, status, message, self.extraHeaders).start()
 
     def _log(self, status: int, bytesOut: int) -> None:
+        self.metrics.requestEnded(status, None)
         if self.accessLog:
             request = self.request
             logRequest(

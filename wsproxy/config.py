@@ -26,6 +26,7 @@ __all__ = [
     "HealthCheck",
     "ListenAddress",
     "Location",
+    "Metrics",
     "ServerBlock",
     "Upstream",
     "UpstreamAddress",
@@ -283,6 +284,18 @@ _EPHEMERAL = re.compile(r"^(?:haproxy:)?(?:tcp6?|ssl):(?:port=)?0(?::|$)")
 
 
 @dataclass(frozen=True)
+class Metrics:
+    """
+    The C{[metrics]} table: where Prometheus metrics, C{/healthz} and
+    C{/readyz} are served (see L{wsproxy.metrics}).
+
+    @ivar listen: a Twisted server endpoint string.
+    """
+
+    listen: str
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole configuration file, validated."""
 
@@ -291,6 +304,8 @@ class Config:
     servers: tuple[ServerBlock, ...]
     shutdown_timeout: float = 30.0
     workers: int = 1
+    #: C{None}: no metrics listener (the default).
+    metrics: Metrics | None = None
     #: C{[log_format]}: name to (text, escape).
     log_format: Mapping[str, tuple[str, str]] = field(default_factory=dict)
     #: How long a drain waits for a tunnel's WebSocket close handshake.
@@ -1079,12 +1094,27 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
         log_format=formats,
         shutdown_timeout=reader.seconds("shutdown_timeout", 30.0),
         workers=reader.count("workers", 1, minimum=1),
+        metrics=_readMetrics(source, reader.get("metrics", dict, None)),
         websocket_close_timeout=reader.seconds("websocket_close_timeout", 5.0),
         websocket_drain_close_after=_drainCloseAfter(reader),
     )
     reader.finish()
+    if config.metrics is not None and config.workers > 1:
+        raise ConfigError(source, "metrics", "not available with workers > 1 (each worker would need its own listener)")
     _checkVirtualHosts(config)
     return config
+
+
+def _readMetrics(source: str, table: dict[str, Any] | None) -> Metrics | None:
+    """The C{[metrics]} table, or C{None} if there is none."""
+    if table is None:
+        return None
+    reader = _Reader(source, "metrics", table)
+    listen = reader.get("listen", str)
+    if not listen:
+        raise reader.fail("listen", 'required: a server endpoint, such as "tcp:9145:interface=127.0.0.1"')
+    reader.finish()
+    return Metrics(listen)
 
 
 def _readAccessLog(reader: _Reader, inherited: bool | AccessLog) -> bool | AccessLog:

@@ -36,6 +36,7 @@ from .accesslog import openAccessLogs
 from .config import Config, ConfigError, ListenAddress, ServerBlock
 from .discovery import PoolDiscovery, carryResolved
 from .health import PoolHealth, carryHealth
+from .metrics import NO_METRICS, MetricsService, ProxyMetrics
 from .proxyprotocol import ProxyHeaderFactory, bareListen, expectsProxyHeader
 from .router import AddressSettings
 from .routing import RoutingError
@@ -205,6 +206,8 @@ def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool]
                 raise _tlsError(config.source, index, e) from None
     tls: dict[ListenAddress, PreparedTLS | None] = {}
     settings: dict[ListenAddress, AddressSettings] = {}
+    if config.metrics is not None:
+        _metricsEndpoint(reactor, config)
     for address, indexes in config.addresses.items():
         default = config.defaultServer(address)
         if default in perBlock:
@@ -216,6 +219,19 @@ def prepareConfig(config: Config, reactor: Any, keep: Mapping[str, UpstreamPool]
         except RoutingError as e:
             raise ConfigError(config.source, f"server[{indexes[0]}]", str(e)) from None
     return PreparedConfig(config, pools, tls, settings)
+
+
+def _metricsEndpoint(reactor: Any, config: Config) -> Any:
+    """
+    The server endpoint of C{[metrics]}.
+
+    @raise ConfigError: if Twisted cannot parse C{metrics.listen}.
+    """
+    listen = config.metrics.listen
+    try:
+        return serverFromString(reactor, listen)
+    except Exception as e:
+        raise ConfigError(config.source, "metrics.listen", f"{listen!r}: {e}") from None
 
 
 def checkReload(running: Config, new: Config) -> None:
@@ -245,6 +261,8 @@ def checkReload(running: Config, new: Config) -> None:
             raise ConfigError(source, key, "turning the PROXY protocol on or off needs a restart")
     if new.workers != running.workers:
         raise ConfigError(source, "workers", "changing the number of workers needs a restart")
+    if new.metrics != running.metrics:
+        raise ConfigError(source, "metrics.listen", "changing the metrics listener needs a restart")
 
 
 class Listener(StreamServerEndpointService):
@@ -259,6 +277,8 @@ class Listener(StreamServerEndpointService):
     """
 
     announce = True
+    #: The L{IListeningPort} once bound.
+    port: Any = None
 
     def __init__(
         self,
@@ -297,12 +317,17 @@ class Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except Exception as e:
             raise StartupError(f"{self.where}: {describeListenFailure(self.listen, e)}") from None
+        self._waitingForPort.addCallback(self._bound)
         if self.announce:
             self._waitingForPort.addCallback(self._announce)
 
     def _announce(self, port: Any) -> Any:
         if port is not None:  # None: a failure to bind later on, logged already
             announceListening(self.name or self.listen, port)
+        return port
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
         return port
 
     def listeningPort(self) -> Deferred:
@@ -350,6 +375,19 @@ class ProxyService(MultiService):
         prepared = prepareConfig(config, reactor)
         openAccessLogs(config)
         self.config = config
+        #: The proxy's metrics (L{wsproxy.metrics.ProxyMetrics}), or L{NO_METRICS}.
+        self.metrics: Any = NO_METRICS
+        self.metricsService: MetricsService | None = None
+        if config.metrics is not None:
+            self.metrics = ProxyMetrics(self, reactor)
+            self.metricsService = MetricsService(
+                _metricsEndpoint(reactor, config),
+                self.metrics.registry,
+                lambda: self.ready,
+                listen=config.metrics.listen,
+                where=f"{config.source}: metrics.listen",
+            )
+            self.metricsService.setServiceParent(self)
         self.pools: dict[str, UpstreamPool] = dict(prepared.pools)
         self.listeners: list[Listener] = []
         #: The services watching each pool (health checks, DNS discovery).
@@ -369,6 +407,7 @@ class ProxyService(MultiService):
             listener.announce = not endpoints
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        self.metrics.instrument(prepared, self.listeners)
         for name, pool in self.pools.items():
             self.monitors[name] = self._monitorsFor(pool)
             for monitor in self.monitors[name]:
@@ -384,6 +423,11 @@ class ProxyService(MultiService):
             changed = health.sync if health is not None else (lambda: None)
             monitors.append(PoolDiscovery(pool, self.reactor, changed=changed))
         return monitors
+
+    @property
+    def ready(self) -> bool:
+        """Whether new connections are welcome: running, every listener bound, and not shutting down."""
+        return bool(self.running) and all(listener.port is not None for listener in self.listeners)
 
     def reload(self, config: Config) -> None:
         """
@@ -414,6 +458,7 @@ class ProxyService(MultiService):
                 carryResolved(old, pool)
                 carryHealth(old, pool)
             monitors[name] = self._monitorsFor(pool)
+        self.metrics.instrument(prepared, self.listeners)
         openAccessLogs(config)
         # Nothing below can fail.
         for listener in self.listeners:
@@ -452,6 +497,8 @@ class ProxyService(MultiService):
                     monitor.stopService()
         stopped = DeferredList([maybeDeferred(listener.stopService) for listener in self.listeners])
         stopped.addCallback(lambda _: self._drain())
+        if self.metricsService is not None:
+            stopped.addCallback(lambda _: self.metricsService.stopService())
         return stopped
 
     def _drain(self) -> Deferred:

@@ -180,6 +180,7 @@ class RedirectAnswer:
         )
 
     def _write(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, keepAlive: bool) -> None:
+        self.settings.metrics.requestEnded(status, None)
         request = self.request
         lines = [b"HTTP/1.1 %d %b" % (status, HTTPStatus(status).phrase.encode("ascii"))]
         lines.extend(b"%b: %b" % pair for pair in headers)
@@ -203,6 +204,7 @@ class RedirectAnswer:
         if status == 405:
             extra = ((b"Allow", b"GET, HEAD"), *extra)
         leg = self.loop.leg
+        self.settings.metrics.requestEnded(status, None)
         leg.write(errorResponse(status, message, extra, head=self.request.method == b"HEAD"))
         log.info("{client} refused: {status} {message}", client=leg.clientAddress, status=status, message=message)
         self.loop.exchangeFinished(False)

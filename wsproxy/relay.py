@@ -485,6 +485,7 @@ class Exchange:
         return buffer.takeAll()
 
     def _startResponse(self, head: ResponseHead) -> None:
+        self.settings.metrics.responseHead(self.started)
         self.state = _RECEIVING
         self._response = head
         self.status = head.status
@@ -609,6 +610,7 @@ class Exchange:
             if accept != [websocketAccept(request.fields[b"sec-websocket-key"][0])]:
                 self._badUpstream("the upstream's 101 has a wrong Sec-WebSocket-Accept")
                 return
+        self.settings.metrics.responseHead(self.started)
         self.status = 101
         self.state = _SWITCHED
         switched = [b"Upgrade: " + request.upgrade, b"Connection: Upgrade", *self._stickyLines()]
@@ -626,6 +628,7 @@ class Exchange:
         if self.state in _OVER:
             return
         if self.upstream.sendTimedOut:
+            self.settings.metrics.timeout("proxy_send")
             self.fail(504, "the upstream did not read the request in time")
         elif self._response is None:
             if self.reused and not self._heard and self._mayRetry():
@@ -684,9 +687,11 @@ class Exchange:
         self.upstream.expectData(self.settings.block.proxy_read_timeout, self._responseHeadLate)
 
     def _responseHeadLate(self) -> None:
+        self.settings.metrics.timeout("proxy_read")
         self.fail(504, "the upstream did not respond in time")
 
     def _responseBodyStalled(self) -> None:
+        self.settings.metrics.timeout("proxy_read")
         log.warn("{client} {method} {target}: upstream {upstream} stopped sending the body", **self._logFields())
         self.fail(504, "the upstream stopped sending")
 
@@ -742,6 +747,7 @@ class Exchange:
                 upstream.abort()
             elif not (keep and self.settings.pool.release(self.server, upstream)):
                 upstream.close()
+        self.settings.metrics.requestEnded(self.status, self.started, self.request.upgrade)
         if self.settings.block.access_log:
             logRequest(
                 status=self.status,

@@ -28,6 +28,7 @@ from .answers import CloseAnswer, ErrorAnswer, TextAnswer
 from .config import Config, ListenAddress, Location, ServerBlock
 from .http import HTTPError, RequestHead
 from .interfaces import IExchange
+from .metrics import NO_METRICS
 from .redirect import RedirectAnswer, RedirectSettings
 from .relay import Exchange, forwardedFor
 from .routing import (
@@ -131,7 +132,11 @@ class VirtualHost:
 
     @ivar redirect: for a server whose C{return} answers every request (the
         plain-HTTP listener of the recipe), its settings; else C{None}.
+    @ivar allLocations: the settings of each of its locations.
     """
+
+    #: The recorder of what it answers outside any location (see L{wsproxy.metrics}).
+    metrics: Any = NO_METRICS
 
     def __init__(
         self, index: int, block: ServerBlock, pools: Mapping[str, UpstreamPool], reactor: Any, secure: bool
@@ -144,6 +149,7 @@ class VirtualHost:
             self.extraHeaders = withoutHSTS(self.extraHeaders)
         self.redirect = RedirectSettings(block) if block.isRedirect else None
         self.locations: Locations[LocationSettings] = Locations([])
+        self.allLocations: tuple[LocationSettings, ...] = ()
         if self.redirect is not None:
             return
         entries: list[tuple[str, LocationSettings, bool]] = []
@@ -160,6 +166,7 @@ class VirtualHost:
             autoRedirect = settings.handler == "proxy" and location.match.endswith("/")
             entries.append((location.match, settings, autoRedirect))
         self.locations = Locations(entries)
+        self.allLocations = tuple(settings for _, settings, _ in entries)
 
 
 class AddressSettings(ConnectionSettings):
@@ -205,16 +212,20 @@ class AddressSettings(ConnectionSettings):
         else:
             vhost = self.names.lookup(host)
         if self.secure and vhost is not self._sniHost(loop):
-            return ErrorAnswer(
+            answer: Any = ErrorAnswer(
                 loop, request, 421, "this connection's TLS name is for another server", vhost.extraHeaders
             )
+            answer.metrics = vhost.metrics
+            return answer
         if vhost.redirect is not None:
             return RedirectAnswer(loop, request, vhost.redirect)
         path, args = splitTarget(request.path)
         try:
             uri = b"/" if path == b"*" else normalizePath(path)
         except HTTPError as e:
-            return ErrorAnswer(loop, request, e.status, e.message, self.extraHeaders)
+            answer = ErrorAnswer(loop, request, e.status, e.message, self.extraHeaders)
+            answer.metrics = vhost.metrics
+            return answer
         return _Routing(self, loop, request, vhost, host, uri, args).start()
 
     def _sniHost(self, loop: RequestLoop) -> VirtualHost:
@@ -255,9 +266,17 @@ class _Routing:
         self.redirects = 0
         self.status = 0
         self.captures: tuple[bytes | None, ...] = ()
+        #: The recorder of the place that answers: the last location handled.
+        self.metrics = vhost.metrics
 
     def start(self) -> IExchange:
-        return self._route(self.uri, internal=False)
+        return self._counted(self._route(self.uri, internal=False))
+
+    def _counted(self, answer: Any) -> Any:
+        """C{answer}, told whose metrics it records."""
+        if answer is not None:
+            answer.metrics = self.metrics
+        return answer
 
     def _route(self, uri: bytes, internal: bool) -> IExchange:
         self.uri = uri
@@ -272,10 +291,12 @@ class _Routing:
 
     def _handle(self, location: LocationSettings, prefix: bytes | None) -> IExchange:
         request, loop = self.request, self.loop
+        self.metrics = location.metrics
         if request.upgrade is not None:
             if location.allowedOrigins:
                 origin = (request.first(b"origin") or b"").lower().rstrip(b"/")
                 if origin not in location.allowedOrigins:
+                    location.metrics.upgradeRefused()
                     return self._error(location, 403, "WebSocket upgrade from an origin that is not allowed")
             if request.upgrade not in location.upgradeProtocols:
                 # This location does not upgrade: the request goes on as plain HTTP.
@@ -300,7 +321,7 @@ class _Routing:
         if location.proxyURI is not None and self.request.path != b"*":
             exchange.target = _replaceURI(self.uri, self.args, prefix or b"", location.proxyURI, self.request.path)
         exchange.statusOverride = self.status
-        exchange.errorPage = lambda status, message: self._errorPage(location, status, message)
+        exchange.errorPage = lambda status, message: self._counted(self._errorPage(location, status, message))
         return exchange
 
     def _return(self, location: LocationSettings) -> IExchange:

@@ -33,6 +33,7 @@ from .connection import NEED_DATA, BodyData, RequestCycle, RequestReceived, Stat
 from .http import HTTPError, Limits, RequestHead, errorResponse
 from .interfaces import IExchange, ILegOwner, IRequestLoop
 from .leg import Leg
+from .metrics import NO_METRICS
 from .relay import Exchange
 from .tunnel import Tunnel
 from .upstream import UpstreamPool
@@ -67,6 +68,8 @@ class ConnectionSettings:
 
     upgradeProtocols: frozenset[bytes] = frozenset()
     allowedOrigins: frozenset[bytes] = frozenset()
+    #: The recorder of this place's metrics (see L{wsproxy.metrics}).
+    metrics: Any = NO_METRICS
 
     def __init__(self, block: ServerBlock) -> None:
         self.block = block
@@ -317,18 +320,21 @@ class RequestLoop:
             message=error.message,
         )
         head = request is not None and request.method == b"HEAD"
+        self.settings.metrics.requestEnded(error.status, None)
         self.leg.write(
             errorResponse(error.status, error.message, self.settings.extraHeaders, head=head, headers=error.headers)
         )
         self.leg.close()
 
     def _headTimedOut(self) -> None:
+        self.settings.metrics.timeout("client_header")
         if self.cycle.buffered:
             self._refuse(HTTPError(408, "the request head did not arrive in time"))
         else:
             self.leg.close()
 
     def _bodyStalled(self) -> None:
+        self.settings.metrics.timeout("client_body")
         if self.exchange is not None:
             self.exchange.fail(408, "the request body stopped arriving")
 
@@ -356,6 +362,8 @@ class ClientLeg(Leg):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
+        if self.sendTimedOut:
+            self.factory.settings.metrics.timeout("send")
         self.factory.connectionClosed(self)
 
 
@@ -419,6 +427,7 @@ class ListenerFactory(Factory):
             block.max_connections_per_ip and self.perAddress.get(host, 0) >= block.max_connections_per_ip
         ):
             log.warn("{client} refused: connection limit reached", client=host)
+            self.settings.metrics.connectionRefused()
             return _Refusal(self.settings.extraHeaders, self.reactor)
         protocol = ClientLeg(self.reactor)
         protocol.factory = self

@@ -36,6 +36,7 @@ from .accesslog import logRequest
 from .config import AccessLog
 from .http import CRLF, HEAD_END, HTTPError, RequestHead
 from .interfaces import IExchange, IRequestLoop
+from .metrics import NO_METRICS
 
 __all__ = ["NeedsSlash", "StaticAnswer", "StaticFiles", "contentType"]
 
@@ -383,6 +384,8 @@ class StaticAnswer:
     """
 
     readyForBody = False
+    #: Set by the router to the recorder of the location that answers.
+    metrics: Any = NO_METRICS
 
     def __init__(
         self,
@@ -618,6 +621,7 @@ class StaticAnswer:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+        self.metrics.requestEnded(self.status, self.started)
         if self.accessLog:
             request = self.request
             logRequest(

@@ -31,6 +31,7 @@ from .accesslog import reopenAccessLogs
 from .config import Config, ConfigError, loadConfig
 from .listeners import StartupError
 from .listeners import makeService as makeProxyService
+from .metrics import noteReload
 
 __all__ = ["OnHangup", "OnUsr1", "Options", "WsproxyService", "checkConfig", "makeService", "reloadFrom", "reopenLogs"]
 
@@ -202,11 +203,14 @@ def reloadFrom(service: Any, path: str, acceptUnsupported: bool = False) -> bool
         config: Config = loadConfig(path, acceptUnsupported)
         service.reload(config)
     except ConfigError as e:
+        noteReload(service, ok=False)
         log.error("reload rejected, the running configuration stays: {why}", why=e)
         return False
     except Exception:
+        noteReload(service, ok=False)
         log.failure("reload rejected, the running configuration stays: unexpected error")
         return False
+    noteReload(service, ok=True)
     return True
 
 

@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import ServerBlock, Upstream, UpstreamAddress
+from .metrics import NO_METRICS
 
 __all__ = [
     "DEFAULT_CIPHERS",
@@ -432,6 +433,10 @@ class _HandshakeDeadline(BufferingTLSTransport):
 
     factory: ServerTLSFactory
     _deadline: IDelayedCall | None = None
+    #: The protocol version the handshake settled on, once it is complete.
+    tlsVersion: str | None = None
+    #: Whether the handshake ran out of time.
+    timedOut = False
 
     def makeConnection(self, transport: Any) -> None:
         seconds = self.factory.serverTLS.block.ssl_handshake_timeout
@@ -440,8 +445,11 @@ class _HandshakeDeadline(BufferingTLSTransport):
         super().makeConnection(transport)
 
     def handshakeFinished(self) -> None:
-        """Called by L{ServerTLS} when OpenSSL reports the handshake done."""
+        """Called by L{ServerTLS} when OpenSSL reports the handshake done; only the first report counts."""
         self._cancelDeadline()
+        if self.tlsVersion is None:
+            self.tlsVersion = self._tlsConnection.get_protocol_version_name()
+            self.factory.metrics.tlsHandshake(self.tlsVersion)
 
     def _cancelDeadline(self) -> None:
         if self._deadline is not None:
@@ -451,6 +459,7 @@ class _HandshakeDeadline(BufferingTLSTransport):
 
     def _handshakeTimedOut(self) -> None:
         self._deadline = None
+        self.timedOut = True
         peer = self.transport.getPeer()
         log.info(
             "{client}: TLS handshake not completed within {seconds}s; connection closed",
@@ -461,6 +470,8 @@ class _HandshakeDeadline(BufferingTLSTransport):
 
     def connectionLost(self, reason: Failure) -> None:
         self._cancelDeadline()
+        if self.tlsVersion is None:
+            self.factory.metrics.tlsFailed(self._reason or reason, self.timedOut)
         super().connectionLost(reason)
 
 
@@ -473,6 +484,8 @@ class ServerTLSFactory(TLSMemoryBIOFactory):
     """
 
     protocol = _HandshakeDeadline
+    #: The recorder of its listener's handshakes (see L{wsproxy.metrics}).
+    metrics: Any = NO_METRICS
 
     def __init__(self, serverTLS: ServerTLS, wrappedFactory: IProtocolFactory) -> None:
         super().__init__(serverTLS, False, wrappedFactory, clock=serverTLS.reactor)

@@ -156,6 +156,7 @@ class Tunnel:
         client.owner = self._fromClient
         upstream.owner = self._fromUpstream
         client.sendTimeout = upstream.sendTimeout = self.settings.block.send_timeout
+        self.settings.metrics.tunnelOpened()
         if fromUpstream:
             self._fromUpstream.dataReceived(fromUpstream)
         if fromClient:
@@ -168,6 +169,7 @@ class Tunnel:
             self.client.expectData(seconds, self._idle, alsoWatching=self.upstream)
 
     def _idle(self) -> None:
+        self.settings.metrics.timeout("websocket_idle")
         log.info(
             "{client} tunnel idle for {seconds}s; closing",
             seconds=self.settings.block.websocket_idle_timeout,
@@ -215,6 +217,7 @@ class Tunnel:
             return
         self.closed = True
         self.lease.release()
+        self.settings.metrics.tunnelEnded(self.started, self.bytesIn, self.bytesOut)
         if self.settings.block.access_log:
             if self.client.sendTimedOut or self.upstream.sendTimedOut:
                 self.closeReason = self.closeReason or "send_timeout"

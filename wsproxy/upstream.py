@@ -46,6 +46,7 @@ from zope.interface import implementer
 
 from .config import Upstream, UpstreamAddress
 from .interfaces import ILegOwner
+from .metrics import NO_METRICS
 from .variables import compileTemplate
 
 __all__ = [
@@ -373,6 +374,9 @@ class UpstreamPool:
 
     @ivar name: the upstream's name, for logs and error messages.
     """
+
+    #: The recorder of its new connections (see L{wsproxy.metrics}).
+    metrics: Any = NO_METRICS
 
     def __init__(
         self,
@@ -799,16 +803,19 @@ class UpstreamPool:
                     failures.append((server.address, "max_conns reached"))
                     continue
                 lease.hold(server)
+            began = self._reactor.seconds()
             try:
                 protocol = await server.endpoint(timeout).connect(_OneConnection(protocolFactory()))
             except CancelledError:
                 raise
             except (ConnectError, ConnectTimeout, OSError) as e:
+                self.metrics.connectFailed(e)
                 why = "timed out" if isinstance(e, ConnectTimeout) else _describe(e)
                 failures.append((server.address, why))
                 if server.failed(self._reactor.seconds()):
                     self.noteState(server, f"{why}; marked down for {server.failTimeout:g}s")
                 continue
+            self.metrics.connected(began)
             if server.downUntil:
                 server.succeeded()
                 self.noteState(server, "connected")
