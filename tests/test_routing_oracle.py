@@ -149,9 +149,7 @@ def nginxConf(prefix: Path, ports: dict[str, int], root: Path, tls: dict[str, st
         )
         serverName = f"        server_name {' '.join(names)};\n" if names else ""
         servers.append(
-            f"    server {{\n        listen {listen};\n{serverName}{certificate}"
-            + "\n".join(body)
-            + "\n    }"
+            f"    server {{\n        listen {listen};\n{serverName}{certificate}" + "\n".join(body) + "\n    }"
         )
     return f"""
 user root;
