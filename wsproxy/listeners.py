@@ -34,9 +34,7 @@ from twisted.logger import Logger
 
 from .accesslog import openAccessLogs
 from .config import Config, ConfigError, ListenAddress, ServerBlock
-from .discovery import PoolDiscovery, carryResolved
-from .health import PoolHealth, carryHealth
-from .metrics import NO_METRICS, MetricsService, ProxyMetrics
+from .metrics import NO_METRICS, ProxyMetrics
 from .proxyprotocol import ProxyHeaderFactory, bareListen, expectsProxyHeader
 from .router import AddressSettings
 from .routing import RoutingError
@@ -377,9 +375,11 @@ class ProxyService(MultiService):
         self.config = config
         #: The proxy's metrics (L{wsproxy.metrics.ProxyMetrics}), or L{NO_METRICS}.
         self.metrics: Any = NO_METRICS
-        self.metricsService: MetricsService | None = None
+        self.metricsService: Any = None
         if config.metrics is not None:
             self.metrics = ProxyMetrics(self, reactor)
+            from .metricsweb import MetricsService
+
             self.metricsService = MetricsService(
                 _metricsEndpoint(reactor, config),
                 self.metrics.registry,
@@ -414,12 +414,21 @@ class ProxyService(MultiService):
                 monitor.setServiceParent(self)
 
     def _monitorsFor(self, pool: UpstreamPool) -> list[Service]:
-        """The services that check C{pool}'s servers and resolve its names, not started."""
+        """
+        The services that check C{pool}'s servers and resolve its names, not
+        started.  Their modules (and C{twisted.names}) are loaded only for a
+        pool that needs them.
+        """
         monitors: list[Service] = []
-        health = PoolHealth(pool, self.reactor) if pool.upstream.health_check is not None else None
-        if health is not None:
+        health = None
+        if pool.upstream.health_check is not None:
+            from .health import PoolHealth
+
+            health = PoolHealth(pool, self.reactor)
             monitors.append(health)
         if any(address.resolve for address in pool.upstream.servers):
+            from .discovery import PoolDiscovery
+
             changed = health.sync if health is not None else (lambda: None)
             monitors.append(PoolDiscovery(pool, self.reactor, changed=changed))
         return monitors
@@ -455,8 +464,7 @@ class ProxyService(MultiService):
                 monitors[name] = self.monitors[name]
                 continue
             if old is not None:
-                carryResolved(old, pool)
-                carryHealth(old, pool)
+                _carryMonitored(old, pool)
             monitors[name] = self._monitorsFor(pool)
         self.metrics.instrument(prepared, self.listeners)
         openAccessLogs(config)
@@ -543,6 +551,18 @@ class ProxyService(MultiService):
 
         check()
         return done
+
+
+def _carryMonitored(old: UpstreamPool, new: UpstreamPool) -> None:
+    """A reload's pool takes over the resolved addresses and check verdicts of the one it replaces."""
+    if any(address.resolve for address in new.upstream.servers):
+        from .discovery import carryResolved
+
+        carryResolved(old, new)
+    if new.upstream.health_check is not None:
+        from .health import carryHealth
+
+        carryHealth(old, new)
 
 
 def makeService(config: Config, reactor: Any = None) -> ProxyService:

@@ -35,26 +35,20 @@ proxies in one process (tests, embedding programs) do not collide.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from OpenSSL import SSL
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.process_collector import ProcessCollector
-from twisted.application.internet import StreamServerEndpointService
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 __all__ = [
     "NO_METRICS",
     "TIMEOUT_KINDS",
-    "MetricsService",
     "Place",
     "PoolMetrics",
     "ProxyMetrics",
@@ -195,6 +189,10 @@ class ProxyMetrics:
         @param service: the L{wsproxy.listeners.ProxyService} whose
             listeners and pools are read at scrape time.
         """
+        # Loaded only by a proxy that serves metrics.
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client.process_collector import ProcessCollector
+
         self.clock = clock
         self.registry = registry = CollectorRegistry()
         self.upgrades = Counter(
@@ -482,6 +480,8 @@ class _RequestCollector:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+
         requests = CounterMetricFamily(
             "wsproxy_requests",
             "Requests answered (proxied, answered by the proxy itself, or refused), by status class; "
@@ -546,6 +546,8 @@ class _ProxyCollector:
         self.service = service
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
         service = self.service
         ready = GaugeMetricFamily("wsproxy_ready", "1 while /readyz answers 200.", value=float(service.ready))
         connections = GaugeMetricFamily(
@@ -579,111 +581,3 @@ class _ProxyCollector:
                 requests.add_metric(labels, snapshot.requests)
                 tunnels.add_metric(labels, snapshot.tunnels)
         yield from (ready, connections, state, healthy, requests, tunnels)
-
-
-class MetricsPage(Resource):
-    """
-    C{/metrics}: the registry in the format the scraper asks for.
-
-    Rendered in the reactor thread, unlike C{prometheus_client.twisted}'s
-    C{MetricsResource}, which renders in the reactor's thread pool: the
-    collectors read the proxy's own objects, which only the reactor thread
-    may touch.
-    """
-
-    isLeaf = True
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
-        self.registry = registry
-
-    def render_GET(self, request: Request) -> bytes:
-        accept = request.getHeader("accept")
-        encoder, contentType = choose_encoder(accept or "")
-        request.setHeader("content-type", contentType)
-        return encoder(self.registry)
-
-
-class _Probe(Resource):
-    """A probe: 200 while C{check()} is true, else 503; never cached."""
-
-    isLeaf = True
-
-    def __init__(self, check: Callable[[], bool], up: bytes, down: bytes) -> None:
-        super().__init__()
-        self.check = check
-        self.up = up
-        self.down = down
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader("content-type", "text/plain; charset=utf-8")
-        request.setHeader("cache-control", "no-store")
-        if self.check():
-            return self.up
-        request.setResponseCode(503)
-        return self.down
-
-
-class _QuietSite(Site):
-    """A L{Site} that writes no access log: scrapes and probes come every few seconds."""
-
-    noisy = False
-
-    def log(self, request: Request) -> None:
-        pass
-
-
-class MetricsService(StreamServerEndpointService):
-    """
-    The metrics listener, plain HTTP on its own endpoint:
-
-      - C{/metrics}: the proxy's metrics (L{MetricsPage});
-      - C{/healthz}: 200 while the process serves (a liveness probe);
-      - C{/readyz}: 200 while the proxy takes new connections, 503 before
-        its listeners are bound and from the start of a shutdown, so that a
-        load balancer stops sending before the drain.
-
-    @ivar where: what a bind failure names first (C{"FILE: metrics.listen"}).
-    """
-
-    def __init__(
-        self, endpoint: Any, registry: CollectorRegistry, ready: Callable[[], bool], listen: str, where: str
-    ) -> None:
-        root = Resource()
-        root.putChild(b"metrics", MetricsPage(registry))
-        root.putChild(b"healthz", _Probe(lambda: True, b"ok\n", b""))
-        root.putChild(b"readyz", _Probe(ready, b"ready\n", b"not ready\n"))
-        super().__init__(endpoint, _QuietSite(root))
-        self.listen = listen
-        self.where = where
-        self._raiseSynchronously = True
-
-    def privilegedStartService(self) -> None:
-        """
-        Bind.
-
-        @raise wsproxy.listeners.StartupError: one line naming the key and why.
-        """
-        from .listeners import StartupError, announceListening, describeListenFailure
-
-        try:
-            super().privilegedStartService()
-        except Exception as e:
-            raise StartupError(f"{self.where}: {describeListenFailure(self.listen, e)}") from None
-        self._waitingForPort.addCallback(self._announce, announceListening)
-
-    def _announce(self, port: Any, announce: Callable[[str, Any], None]) -> Any:
-        if port is not None:
-            announce(f"metrics {self.listen}", port)
-        return port
-
-    def listeningPort(self) -> Deferred:
-        """A L{Deferred} firing with the L{IListeningPort} once bound."""
-        result: Deferred = Deferred()
-
-        def relay(port: Any) -> Any:
-            result.callback(port)
-            return port
-
-        self._waitingForPort.addCallback(relay)
-        return result
