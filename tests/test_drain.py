@@ -517,6 +517,30 @@ async def test_invalid_framing_falls_back_to_a_tcp_close(cleanup, listener):
     assert connection.received.endswith(b"unmasked")
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_location_without_frame_tracking_falls_back_to_a_tcp_close(cleanup, listener):
+    upstream, upstreams = listenScripted(switching(), closeAfter=False)
+    cleanup.port(upstream)
+    table, block = proxyTo(upstream.getHost().port, websocket_frame_tracking=False, **listener["block"])
+    proxy = cleanup.service(
+        await startProxy(table, block, websocket_drain_close_after=True, websocket_close_timeout=30)
+    )
+    client = await rawTunnel(proxy, listener, upgradeRequest())
+    head = client.received
+    sent = frame(0x1, b"tracked?", masked=True)
+    client.transport.write(sent)
+    connection = upstreams.connections[0]
+    assert await until(lambda: connection.received.endswith(sent))
+    (tunnel,) = tunnels(proxy)
+    assert tunnel._fromClient.frames is None
+    started = time.monotonic()
+    await proxy.stopService()
+    assert time.monotonic() - started < 5, "no close handshake is waited for"
+    assert await client.waitClosed(timeout=5) == head
+    await connection.lost.addTimeout(5, reactor)
+    assert connection.received.split(b"\r\n\r\n", 1)[1] == sent, "no Close frame was added"
+
+
 @pytest.mark.parametrize("masked", [True, False], ids=["client", "server"])
 def test_runs_of_alike_frames_and_one_that_differs(masked):
     alike = frame(0x2, b"y" * 64, masked=masked)

@@ -218,6 +218,8 @@ class ServerBlock:
     #: C{None}: nginx's C{proxy_redirect default}; C{()}: off; else (from, to) prefixes.
     proxy_redirect: tuple[tuple[str, str], ...] | None = None
     disable_symlinks: bool = True
+    #: Follow WebSocket frame boundaries in tunnels (what a drain's Close 1001 needs).
+    websocket_frame_tracking: bool = True
     proxy_connect_timeout: float = 5.0
     proxy_read_timeout: float = 60.0
     client_header_timeout: float = 60.0
@@ -813,6 +815,9 @@ def _readRequestKeys(
     )
     values["allowed_origins"] = reader.strings("allowed_origins", inherited.get("allowed_origins", ()))
     values["disable_symlinks"] = reader.get("disable_symlinks", bool, inherited.get("disable_symlinks", True))
+    values["websocket_frame_tracking"] = reader.get(
+        "websocket_frame_tracking", bool, inherited.get("websocket_frame_tracking", True)
+    )
     values["add_header"] = _merged(inherited.get("add_header", ()), _headerTable(reader, "add_header", variables=False))
     values["proxy_set_header"] = _merged(
         inherited.get("proxy_set_header", ()), _headerTable(reader, "proxy_set_header", variables=True)

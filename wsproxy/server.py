@@ -283,11 +283,15 @@ class RequestLoop:
         self.exchange = None
         leg = self.leg
         leg.cancelTimer()
-        websocket = self.cycle.request is not None and self.cycle.request.upgrade == b"websocket"
+        settings = settings or self.settings
+        request = self.cycle.request
+        websocket = (
+            request is not None and request.upgrade == b"websocket" and settings.block.websocket_frame_tracking
+        )
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
         leg.loop = None  # nothing of the HTTP layer stays with a tunnel
-        tunnel = Tunnel(leg, upstream, settings or self.settings, logFields, lease, websocket=websocket)
+        tunnel = Tunnel(leg, upstream, settings, logFields, lease, websocket=websocket)
         tunnel.start(early, fromUpstream)
 
     # What the leg tells the loop
