@@ -41,6 +41,12 @@ PROXY_CPU = 0
 LOAD_CPU = 1
 SCENARIOS = ["ws-small", "ws-large", "latency", "handshake", "handshake-tls", "http", "http-close", "idle"]
 TARGETS = ["direct", "nginx", "wsproxy", "wsproxy-w2"]
+#: Variants of wsproxy for what a feature costs, compared with "wsproxy" in
+#: the same run: the metrics listener on, WebSocket frame tracking off.
+VARIANTS = {
+    "wsproxy-metrics": ('[metrics]\nlisten = "tcp:{metrics_port}:interface=127.0.0.1"\n', ""),
+    "wsproxy-notrack": ("", "websocket_frame_tracking = false\n"),
+}
 #: wsproxy with ``workers = 2``: two worker processes on both CPUs (which the
 #: load generator shares), to show what a second core buys; not pinned to one.
 WORKERS_CPUS = "0,1"
@@ -86,14 +92,25 @@ def make_certs(workdir: Path) -> tuple[Path, Path]:
     return chain, key
 
 
-def wsproxy_toml(upstream_port: int, port: int, tls_port: int | None, chain: Path, key: Path, workers: int = 1) -> str:
+def wsproxy_toml(
+    upstream_port: int,
+    port: int,
+    tls_port: int | None,
+    chain: Path,
+    key: Path,
+    workers: int = 1,
+    top: str = "",
+    server: str = "",
+) -> str:
     text = (
         f"workers = {workers}\n"
+        f"{top}"
         "[upstream.app]\n"
         f'servers = ["127.0.0.1:{upstream_port}"]\n\n'
         "[[server]]\n"
         f'listen = "tcp:{port}:interface=127.0.0.1"\n'
         'proxy_pass = "http://app"\n'
+        f"{server}"
     )
     if tls_port:
         text += (
@@ -102,6 +119,7 @@ def wsproxy_toml(upstream_port: int, port: int, tls_port: int | None, chain: Pat
             'proxy_pass = "http://app"\n'
             f'ssl_certificate = "{chain}"\n'
             f'ssl_certificate_key = "{key}"\n'
+            f"{server}"
         )
     return text
 
@@ -116,13 +134,15 @@ def start_wsproxy(
     key: Path,
     name: str = "wsproxy",
     workers: int = 1,
+    top: str = "",
+    server: str = "",
 ) -> Target:
     """Start wsproxy with a TLS listener; without one if it refuses the TLS block."""
     attempts: list[tuple[int | None, str]] = [(tls_port, f"{name}.toml"), (None, f"{name}-notls.toml")]
     last_error = ""
     for tport, fname in attempts:
         config = work / fname
-        config.write_text(wsproxy_toml(up_port, port, tport, chain, key, workers))
+        config.write_text(wsproxy_toml(up_port, port, tport, chain, key, workers, top, server))
         argv = [part.replace("{config}", str(config)) for part in shlex.split(args.wsproxy_cmd)]
         # The repo root goes first on PYTHONPATH so that an uninstalled checkout
         # (wsproxy/ and twisted/plugins/) is what runs; cwd keeps twistd.pid out.
@@ -284,7 +304,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="measured seconds per scenario (default 5, quick 2)")
     p.add_argument("--warmup", type=float, help="unmeasured seconds first (default 1, quick 0.5)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma list of {','.join(SCENARIOS)}")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma list of direct,nginx,wsproxy,wsproxy-w2")
+    p.add_argument(
+        "--targets",
+        default=",".join(TARGETS),
+        help=f"comma list of {','.join([*TARGETS, *VARIANTS])} (the variants are not run by default)",
+    )
     p.add_argument("--tunnels", type=int, help="idle tunnels to hold (default 9000, quick 2000)")
     p.add_argument("--workers", type=int, default=2, help="load generator processes for scenarios 1, 4, 5")
     p.add_argument(
@@ -302,7 +326,7 @@ def parse_args() -> argparse.Namespace:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s!r}")
     for t in args.targets:
-        if t not in TARGETS:
+        if t not in TARGETS and t not in VARIANTS:
             p.error(f"unknown target {t!r}")
     return args
 
@@ -379,6 +403,14 @@ def main() -> None:
             targets["wsproxy-w2"] = start_wsproxy(
                 args, work, up_port, w2_port, w2_tls, chain, key, name="wsproxy-w2", workers=2
             )
+
+        for name, (top, server) in VARIANTS.items():
+            if name in args.targets:
+                port, tls, metrics_port = processes.free_ports(3)
+                top = top.format(metrics_port=metrics_port)
+                targets[name] = start_wsproxy(
+                    args, work, up_port, port, tls, chain, key, name=name, top=top, server=server
+                )
 
         for rnd in range(args.rounds):
             order = args.targets[rnd % len(args.targets) :] + args.targets[: rnd % len(args.targets)]
