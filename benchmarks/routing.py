@@ -50,6 +50,7 @@ def routingTOML(upstreamPort: int, port: int) -> str:
         lines.append("[[server]]")
         lines.append(f'listen = "tcp:{port}:interface=127.0.0.1"')
         lines.append(f'server_name = ["site{site}.example", "*.site{site}.example"]')
+        lines.append("access_log = false")
         if site == 0:
             lines.append("default_server = true")
         locations = [f"/app{n}/" for n in range(8)] + ["= /exact", "/"]
@@ -67,7 +68,7 @@ def routingTOML(upstreamPort: int, port: int) -> str:
 def oneLocationTOML(upstreamPort: int, port: int) -> str:
     return (
         f'[upstream.app]\nservers = ["127.0.0.1:{upstreamPort}"]\n\n'
-        f'[[server]]\nlisten = "tcp:{port}:interface=127.0.0.1"\nproxy_pass = "http://app"\n'
+        f'[[server]]\nlisten = "tcp:{port}:interface=127.0.0.1"\nproxy_pass = "http://app"\naccess_log = false\n'
     )
 
 

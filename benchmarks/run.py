@@ -110,6 +110,7 @@ def wsproxy_toml(
         "[[server]]\n"
         f'listen = "tcp:{port}:interface=127.0.0.1"\n'
         'proxy_pass = "http://app"\n'
+        "access_log = false\n"  # as nginx.conf.template's access_log off
         f"{server}"
     )
     if tls_port:
@@ -119,6 +120,7 @@ def wsproxy_toml(
             'proxy_pass = "http://app"\n'
             f'ssl_certificate = "{chain}"\n'
             f'ssl_certificate_key = "{key}"\n'
+            "access_log = false\n"
             f"{server}"
         )
     return text

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .accesslog import logRequest
+from .config import AccessLog
 from .connection import ReceiveBuffer
 from .http import (
     CRLF,
@@ -619,7 +620,12 @@ class Exchange:
         upstream = self.upstream
         upstream.cancelTimer()
         upstream.sendTimeout = self.settings.block.send_timeout
-        self.loop.switchToTunnel(upstream, early, dict(self._logFields(), request=request), self.settings, self.lease)
+        logFields = self._logFields()
+        if self.settings.block.access_log.__class__ is AccessLog:
+            # A log format may read the request's headers when the tunnel ends;
+            # otherwise the tunnel does not keep them.
+            logFields["request"] = request
+        self.loop.switchToTunnel(upstream, early, logFields, self.settings, self.lease)
 
     # Endings
 

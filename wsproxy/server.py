@@ -285,9 +285,7 @@ class RequestLoop:
         leg.cancelTimer()
         settings = settings or self.settings
         request = self.cycle.request
-        websocket = (
-            request is not None and request.upgrade == b"websocket" and settings.block.websocket_frame_tracking
-        )
+        websocket = request is not None and request.upgrade == b"websocket" and settings.block.websocket_frame_tracking
         early = self.cycle.switchProtocols()
         leg.gate.release("buffer")
         leg.loop = None  # nothing of the HTTP layer stays with a tunnel
