@@ -36,7 +36,6 @@ from twisted.internet.threads import deferToThread
 
 import wsproxy
 from wsproxy import parseConfig
-from wsproxy.config import ConfigError
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 BIN = str(Path(sys.executable).parent)
@@ -74,33 +73,9 @@ def replaceOnce(text: str, pattern: str, replacement: str) -> str:
     return re.sub(pattern, replacement, text, flags=re.M)
 
 
-def metricsSupported() -> bool:
-    """
-    Whether this wsproxy has the C{[metrics]} listener (/metrics, /healthz,
-    /readyz).  The deployment files name it already; where it is not there
-    yet, the table is left out of what is run and the health check is not
-    called, and everything else is still checked.
-    """
-    try:
-        parseConfig(
-            {
-                "metrics": {"listen": "tcp:0"},
-                "upstream": {"a": {"servers": ["127.0.0.1:9"]}},
-                "server": [{"listen": "tcp:0", "proxy_pass": "http://a"}],
-            }
-        )
-    except ConfigError as e:
-        if "metrics" in e.key:
-            return False
-        raise
-    return True
-
-
 def withMetricsOn(text: str, port: int) -> str:
-    """The configuration's metrics listener moved to C{port} on loopback, or left out (see L{metricsSupported})."""
-    if metricsSupported():
-        return replaceOnce(text, r'^listen = "tcp:9145[^"]*"', f'listen = "tcp:{port}:interface={LOOPBACK}"')
-    return replaceOnce(text, r'^\[metrics\]\nlisten = "[^"]*"\n', "")
+    """The configuration's metrics listener moved to C{port} on loopback."""
+    return replaceOnce(text, r'^listen = "tcp:9145[^"]*"', f'listen = "tcp:{port}:interface={LOOPBACK}"')
 
 
 def listenPort(listen: str) -> int:
@@ -182,10 +157,9 @@ async def test_the_image_command_serves_the_configmap_and_stops_on_sigterm(clean
         response = await exchange(port, GET, timeout=10)
         assert response is not None and response.startswith(b"HTTP/1.1 200 ") and response.endswith(b"deployed")
         assert any(b"x-forwarded-for: 127.0.0.1" in r.lower() for r in factory.requests)
-        if metricsSupported():
-            check = [word.replace(":9145/", f":{metricsPort}/") for word in healthCheck()]
-            result = await deferToThread(subprocess.run, check, env=RUNNING, capture_output=True, timeout=20)
-            assert result.returncode == 0, result.stderr
+        check = [word.replace(":9145/", f":{metricsPort}/") for word in healthCheck()]
+        result = await deferToThread(subprocess.run, check, env=RUNNING, capture_output=True, timeout=20)
+        assert result.returncode == 0, result.stderr
         process.send_signal(signal.SIGTERM)
         assert await until(lambda: process.poll() is not None, timeout=30), log.read_text()
     finally:
@@ -239,7 +213,7 @@ def test_the_manifests_agree_with_the_config_they_mount():
     configMap, deployment = objects["ConfigMap"], objects["Deployment"]
     text = configMap["data"]["wsproxy.toml"]
     document = tomllib.loads(text)
-    checked = parseConfig(document if metricsSupported() else {k: v for k, v in document.items() if k != "metrics"})
+    checked = parseConfig(document)
     pod = deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
