@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .http import RequestHead
 
 __all__ = [
+    "logAnswer",
     "COMBINED",
     "JSON_FIELDS",
     "LOG_VARIABLES",
@@ -660,6 +661,35 @@ def logRequest(
         headBytes,
     )
     accessLogs.writerFor(destination)(entry)  # type: ignore[arg-type]
+
+
+def logAnswer(
+    loop: Any,
+    request: RequestHead,
+    status: int,
+    bytesOut: int,
+    destination: bool | AccessLog,
+    settings: Any,
+    duration: float = 0.0,
+) -> None:
+    """
+    Log an answer of the proxy's own (an error, a C{return}, a redirect, a
+    file): no upstream, no request body read.
+    """
+    logRequest(
+        client=loop.leg.clientAddress,
+        method=request.method.decode("ascii"),
+        target=request.target.decode("ascii", "backslashreplace"),
+        status=status,
+        upstream="-",
+        bytesIn=0,
+        bytesOut=bytesOut,
+        duration=duration,
+        destination=destination,
+        request=request,
+        leg=loop.leg,
+        settings=settings,
+    )
 
 
 def logTunnel(

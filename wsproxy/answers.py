@@ -20,7 +20,7 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .accesslog import logRequest
+from .accesslog import logAnswer
 from .config import AccessLog
 from .http import CRLF, HEAD_END, RequestHead, errorResponse
 from .interfaces import IExchange, IRequestLoop
@@ -70,21 +70,7 @@ class _Answer:
     def _log(self, status: int, bytesOut: int) -> None:
         self.metrics.requestEnded(status, None)
         if self.accessLog:
-            request = self.request
-            logRequest(
-                client=self.loop.leg.clientAddress,
-                method=request.method.decode("ascii"),
-                target=request.target.decode("ascii", "backslashreplace"),
-                status=status,
-                upstream="-",
-                bytesIn=0,
-                bytesOut=bytesOut,
-                duration=0.0,
-                destination=self.accessLog,
-                request=request,
-                leg=self.loop.leg,
-                settings=self.loop.settings,
-            )
+            logAnswer(self.loop, self.request, status, bytesOut, self.accessLog, self.loop.settings)
 
 
 class ErrorAnswer(_Answer):

@@ -19,7 +19,7 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .accesslog import logRequest
+from .accesslog import logAnswer
 from .acme import readChallenge
 from .config import AccessLog, ServerBlock
 from .http import CRLF, HEAD_END, HTTPError, RequestHead, errorResponse
@@ -141,21 +141,7 @@ class RedirectAnswer:
 
     def _log(self, status: int, bytesOut: int) -> None:
         """A line in the C{access_log}'s format."""
-        request = self.request
-        logRequest(
-            client=self.loop.leg.clientAddress,
-            method=request.method.decode("ascii"),
-            target=request.target.decode("ascii", "backslashreplace"),
-            status=status,
-            upstream="-",
-            bytesIn=0,
-            bytesOut=bytesOut,
-            duration=0.0,
-            destination=self.settings.block.access_log,
-            request=request,
-            leg=self.loop.leg,
-            settings=self.settings,
-        )
+        logAnswer(self.loop, self.request, status, bytesOut, self.settings.block.access_log, self.settings)
 
     def _listenerName(self, local: Any) -> str:
         """

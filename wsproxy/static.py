@@ -32,7 +32,7 @@ from typing import Any
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from .accesslog import logRequest
+from .accesslog import logAnswer
 from .config import AccessLog
 from .http import CRLF, HEAD_END, HTTPError, RequestHead
 from .interfaces import IExchange, IRequestLoop
@@ -623,21 +623,8 @@ class StaticAnswer:
             os.close(fd)
         self.metrics.requestEnded(self.status, self.started)
         if self.accessLog:
-            request = self.request
-            logRequest(
-                client=self.loop.leg.clientAddress,
-                method=request.method.decode("ascii"),
-                target=request.target.decode("ascii", "backslashreplace"),
-                status=self.status,
-                upstream="-",
-                bytesIn=0,
-                bytesOut=self.bytesOut,
-                duration=self.clock.seconds() - self.started,
-                destination=self.accessLog,
-                request=request,
-                leg=self.loop.leg,
-                settings=self.loop.settings,
-            )
+            duration = self.clock.seconds() - self.started
+            logAnswer(self.loop, self.request, self.status, self.bytesOut, self.accessLog, self.loop.settings, duration)
 
     def _finish(self) -> None:
         self._close()
