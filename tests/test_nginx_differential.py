@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import re
 import re._parser as sre_parse
-import shutil
-import socket
 import subprocess
 import time
 from collections import Counter
@@ -41,8 +39,9 @@ import crossplane
 import pytest
 import pytest_twisted
 import trustme
+from nginxprocess import NginxProcess
 from OpenSSL import SSL
-from support import KEY, RawClient, listenScripted, stopProxy, until
+from support import KEY, RawClient, listenScripted, stopProxy
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -53,7 +52,6 @@ from wsproxy.http import websocketAccept
 from wsproxy.listeners import ProxyService
 from wsproxy.nginxconf import convertFile
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 CORPUS = Path(__file__).parent / "data" / "nginx" / "corpus"
 NAMES = sorted(entry.name for entry in CORPUS.iterdir() if entry.is_dir())
 
@@ -440,18 +438,6 @@ def verdict(response: bytes, hostless: bool = False) -> tuple[Any, ...]:
     return (int(lines[0].split(" ")[1]), fields.get("x-upstream"), location)
 
 
-def accepting(path: Path) -> bool:
-    """Whether something accepts connections on the UNIX socket C{path} (nginx creates it before it listens)."""
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
-
-
 def makeTree(www: Path) -> None:
     (www / "sub").mkdir(parents=True)
     (www / "empty").mkdir()
@@ -491,38 +477,27 @@ async def runOne(name: str, base: Path, certificate: dict[str, str], dhparam: Pa
         port, _ = listenScripted(named(target), closeAfter=False)
         cleanup.port(port)
         rewrite.upstreams[target] = port.getHost().port
-    config = run / "nginx.conf"
-    config.write_text(crossplane.build(rewrite.rewrite(parsed)) + "\n")
+    conf = crossplane.build(rewrite.rewrite(parsed)) + "\n"
     cases = casesFor(rewrite)
     outcome = Outcome(name, requests=len(cases))
 
     expected = []
-    nginx = subprocess.Popen(
-        [
-            NGINX,
-            "-p",
-            str(run),
-            "-c",
-            str(config),
-            "-e",
-            str(run / "error.log"),
-            "-g",
-            f"daemon off; user root; worker_processes 1; pid {run / 'nginx.pid'};",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    nginx = NginxProcess(
+        run,
+        conf,
+        [listener.path for listener in rewrite.listeners.values()],
+        errorLog=str(run / "error.log"),
+        directives=f"user root; worker_processes 1; pid {run / 'nginx.pid'};",
     )
+    config = nginx.config
     try:
-        sockets = [listener.path for listener in rewrite.listeners.values()]
-        assert await until(lambda: all(accepting(s) for s in sockets) or nginx.poll() is not None, 10)
-        assert nginx.poll() is None, f"{name}: nginx refused the rewritten file:\n" + nginx.stderr.read().decode()
+        await nginx.started()
         for case in cases:
             expected.append(verdict(await ask(case), case.sni is None and case.host == NO_HOST))
         refused = sum(str(said[0]).startswith("refused") for said in expected)
         assert not refused, f"{name}: nginx refused {refused} connections:\n" + (run / "error.log").read_text()[-2000:]
     finally:
-        nginx.terminate()
-        nginx.wait(10)
+        nginx.stop()
     for listener in rewrite.listeners.values():
         listener.path.unlink(missing_ok=True)
 
@@ -569,7 +544,6 @@ def dhparam(tmp_path_factory: Any) -> Path:
 
 @pytest_twisted.ensureDeferred
 async def test_nginx_and_wsproxy_agree_on_the_corpus(cleanup, tmp_path, dhparam, capsys):
-    assert Path(NGINX).exists(), "the nginx oracle needs Debian's nginx: apt-get install -y nginx"
     started = time.monotonic()
     # RSA: several corpus configurations offer only ECDHE-RSA and RSA cipher suites.
     ca = trustme.CA(key_type=trustme.KeyType.RSA)

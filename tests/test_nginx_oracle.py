@@ -10,35 +10,20 @@ be guessed; wsproxy on C{tcp:0}.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from nginxprocess import NginxProcess, httpConfiguration
 from support import RawClient, connectRaw, listenScripted, ok, startProxyFor, until
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.logger import globalLogPublisher
 
-#: Debian's nginx; the README's test command installs it.
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-
-CONFIG = """
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
+HTTP = """
     log_format oracle '$status "$request"';
     access_log {prefix}/access.log oracle;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     server {{
         listen unix:{prefix}/nginx.sock;
         location / {{
@@ -47,39 +32,21 @@ http {{
             proxy_set_header Host $host;
         }}
     }}
-}}
 """
 
 
-class Nginx:
+class Nginx(NginxProcess):
     """A real nginx in front of one upstream port, in the foreground."""
 
     def __init__(self, prefix: Path, upstreamPort: int) -> None:
-        assert Path(NGINX).exists(), "the nginx oracle needs Debian's nginx: apt-get install -y nginx"
-        self.prefix = prefix
-        self.socket = prefix / "nginx.sock"
+        super().__init__(prefix, httpConfiguration(prefix, HTTP.format(prefix=prefix, upstream=upstreamPort)))
         self.accessLog = prefix / "access.log"
-        (prefix / "nginx.conf").write_text(CONFIG.format(prefix=prefix, upstream=upstreamPort))
-        self.process = subprocess.Popen(
-            [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-
-    async def started(self) -> None:
-        listening = await until(lambda: self.socket.exists() or self.process.poll() is not None, 10)
-        assert listening and self.process.poll() is None, self.process.stderr.read().decode()
 
     async def connect(self) -> RawClient:
         return await connectProtocol(UNIXClientEndpoint(reactor, str(self.socket)), RawClient())
 
     def statuses(self) -> list[str]:
         return self.accessLog.read_text().split() if self.accessLog.exists() else []
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import itertools
 import random
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from nginxprocess import NginxProcess, configurationTest, httpConfiguration
 
 from wsproxy.http import HTTPError
 from wsproxy.routing import (
@@ -41,8 +38,6 @@ from wsproxy.routing import (
     splitTarget,
 )
 
-#: Debian's nginx; the README's test command installs it.
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 UPSTREAM = "upstream"
 
 
@@ -116,41 +111,22 @@ def configuration(prefix: Path, servers: list[Server]) -> str:
         blocks.append(
             f"    server {{\n        listen unix:{prefix}/nginx.sock;\n        server_name {names};\n{locations}\n    }}"
         )
-    return f"""
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 64; }}
-http {{
+    http = f"""
     access_log off;
     absolute_redirect off;
     root {prefix}/nothing;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     server {{
         listen unix:{prefix}/{UPSTREAM}.sock;
         location / {{ return 200 "{UPSTREAM} $request_uri"; }}
     }}
 {chr(10).join(blocks)}
-}}
 """
+    return httpConfiguration(prefix, http, errorLog="stderr warn")
 
 
 def checkConfiguration(prefix: Path, text: str) -> str:
     """What C{nginx -t} says about C{text}, a whole nginx.conf."""
-    assert Path(NGINX).exists(), "the nginx oracle needs Debian's nginx: apt-get install -y nginx"
-    prefix.mkdir(parents=True, exist_ok=True)
-    (prefix / "nginx.conf").write_text(text, encoding="utf-8")
-    checked = subprocess.run(
-        [NGINX, "-t", "-q", "-e", "stderr", "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
-        capture_output=True,
-        timeout=20,
-    )
-    return checked.stderr.decode(errors="replace")
+    return configurationTest(prefix, text).stderr.decode(errors="replace")
 
 
 @dataclass
@@ -162,25 +138,13 @@ class Response:
     body: bytes
 
 
-class Nginx:
+class Nginx(NginxProcess):
     """A real nginx serving C{servers} on a UNIX socket, in the foreground."""
 
     def __init__(self, prefix: Path, servers: list[Server]) -> None:
-        assert Path(NGINX).exists(), "the nginx oracle needs Debian's nginx: apt-get install -y nginx"
-        self.socket = prefix / "nginx.sock"
-        self.stderr = prefix / "stderr.log"
-        (prefix / "nginx.conf").write_text(configuration(prefix, servers), encoding="utf-8")
-        with self.stderr.open("wb") as log:
-            self.process = subprocess.Popen(
-                [NGINX, "-e", "stderr", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        deadline = time.monotonic() + 10
-        while not (self.socket.exists() and (prefix / f"{UPSTREAM}.sock").exists()):
-            assert self.process.poll() is None, self.stderr.read_text()
-            assert time.monotonic() < deadline, "nginx not listening in time:\n" + self.stderr.read_text()
-            time.sleep(0.01)
+        sockets = [prefix / "nginx.sock", prefix / f"{UPSTREAM}.sock"]
+        super().__init__(prefix, configuration(prefix, servers), sockets)
+        self.waitStarted()
 
     def request(self, target: bytes, host: bytes | None) -> Response:
         """Send one request (HTTP/1.0 without C{Host} when C{host} is C{None}) and read the whole answer."""
@@ -188,26 +152,13 @@ class Nginx:
             head = b"GET %b HTTP/1.0\r\n\r\n" % target
         else:
             head = b"GET %b HTTP/1.1\r\nHost: %b\r\nConnection: close\r\n\r\n" % (target, host)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
-            client.settimeout(10)
-            client.connect(str(self.socket))
-            client.sendall(head)
-            chunks = []
-            while chunk := client.recv(65536):
-                chunks.append(chunk)
-        raw = b"".join(chunks)
-        top, _, body = raw.partition(b"\r\n\r\n")
+        top, _, body = self.fetch(head).partition(b"\r\n\r\n")
         lines = top.split(b"\r\n")
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(b":")
             headers[name.strip().lower()] = value.strip()
         return Response(int(lines[0].split()[1]), headers, body)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 # -- the configuration under test ---------------------------------------------------------------

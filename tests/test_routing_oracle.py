@@ -16,16 +16,15 @@ deliberately differs (421 on a mismatch) are in test_routing_listener.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 import trustme
+from nginxprocess import NginxProcess, httpConfiguration
 from OpenSSL import SSL
-from support import RawClient, listenScripted, switching, until
+from support import RawClient, listenScripted, switching
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -33,8 +32,6 @@ from zope.interface import implementer
 
 from wsproxy import parseConfig
 from wsproxy.listeners import ProxyService
-
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 #: (server names, default_server, [(match, handler)]). A handler is an
 #: upstream's name, "name/uri" for proxy_pass with a URI part, "return ..."
@@ -151,23 +148,12 @@ def nginxConf(prefix: Path, ports: dict[str, int], root: Path, tls: dict[str, st
         servers.append(
             f"    server {{\n        listen {listen};\n{serverName}{certificate}" + "\n".join(body) + "\n    }"
         )
-    return f"""
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
+    http = f"""
     access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
 {chr(10).join(servers)}
-}}
 """
+    return httpConfiguration(prefix, http)
 
 
 def nginxHandler(handler: str, ports: dict[str, int], root: Path) -> str:
@@ -283,7 +269,6 @@ def kind(request: Any) -> str:
 
 @pytest_twisted.ensureDeferred
 async def test_wsproxy_routes_as_nginx_does(kind, cleanup, tmp_path):
-    assert Path(NGINX).exists(), "the nginx oracle needs Debian's nginx: apt-get install -y nginx"
     root = tmp_path / "www"
     (root / "sub").mkdir(parents=True)
     (root / "empty").mkdir()
@@ -304,17 +289,9 @@ async def test_wsproxy_routes_as_nginx_does(kind, cleanup, tmp_path):
         tls = {"ssl_certificate": str(tmp_path / "cert.pem"), "ssl_certificate_key": str(tmp_path / "cert.key")}
 
     prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    (prefix / "nginx.conf").write_text(nginxConf(prefix, ports, root, tls))
-    nginx = subprocess.Popen(
-        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    nginx = NginxProcess(prefix, nginxConf(prefix, ports, root, tls))
     try:
-        socket = prefix / "nginx.sock"
-        assert await until(lambda: socket.exists() or nginx.poll() is not None, 10)
-        assert nginx.poll() is None, nginx.stderr.read().decode()
+        await nginx.started()
 
         ours = tmp_path / "wsproxy.sock"
         service = ProxyService(parseConfig(wsproxyDocument(ours, ports, root, tls), "(oracle)"), reactor)
@@ -327,12 +304,11 @@ async def test_wsproxy_routes_as_nginx_does(kind, cleanup, tmp_path):
         cases = requests(tls is not None)
         for host, request in cases:
             sni = host.partition(":")[0].lower() if tls else None
-            expected = verdict(await ask(socket, request, sni))
+            expected = verdict(await ask(nginx.socket, request, sni))
             got = verdict(await ask(ours, request, sni))
             if expected != got:
                 line = request.split(b"\r\n")[0].decode()
                 disagreements.append(f"{line} Host: {host}: nginx {expected}, wsproxy {got}")
         assert not disagreements, f"{len(disagreements)} of {len(cases)} disagree:\n" + "\n".join(disagreements)
     finally:
-        nginx.terminate()
-        nginx.wait(10)
+        nginx.stop()

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
@@ -32,6 +30,7 @@ from urllib.parse import unquote_to_bytes
 import pytest
 import pytest_twisted
 import trustme
+from nginxprocess import NginxProcess, httpConfiguration
 from support import LOOPBACK, RawClient, sleep, stillAfter, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
@@ -50,7 +49,6 @@ from wsproxy.server import ConnectionSettings, ListenerFactory
 from wsproxy.static import NeedsSlash, StaticAnswer, StaticFiles, contentType
 from wsproxy.tls import ServerTLS
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 MiB = 1024 * 1024
 
 
@@ -787,27 +785,15 @@ async def test_one_access_line_per_answer(site):
 # nginx as the oracle
 
 
-NGINX_CONFIG = """
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
+NGINX_HTTP = """
     include /etc/nginx/mime.types;
     default_type application/octet-stream;
     access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     server {{
         listen unix:{prefix}/nginx.sock;
         root {root};
         max_ranges 1;
     }}
-}}
 """
 
 #: What must agree between nginx and wsproxy for each answer.
@@ -822,17 +808,9 @@ async def test_nginx_answers_the_same(cleanup, tmp_path):
     (site.root / "dir").mkdir()
     etag, lastModified = validators(path)
     prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    (prefix / "nginx.conf").write_text(NGINX_CONFIG.format(prefix=prefix, root=site.root))
-    assert Path(NGINX).exists(), "the nginx oracle needs Debian's nginx: apt-get install -y nginx"
-    nginx = subprocess.Popen(
-        [NGINX, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    nginx = NginxProcess(prefix, httpConfiguration(prefix, NGINX_HTTP.format(prefix=prefix, root=site.root)))
     try:
-        socket = prefix / "nginx.sock"
-        assert await until(lambda: socket.exists() or nginx.poll() is not None, 10) and nginx.poll() is None
+        await nginx.started()
         listener = site.serve()
         old = b"Mon, 01 Jan 2001 00:00:00 GMT"
         cases = [
@@ -881,7 +859,7 @@ async def test_nginx_answers_the_same(cleanup, tmp_path):
         ]
         for method, target, extra in targets:
             data = request(target, extra=extra, method=method)
-            viaNginx = await connectProtocol(UNIXClientEndpoint(reactor, str(socket)), RawClient())
+            viaNginx = await connectProtocol(UNIXClientEndpoint(reactor, str(nginx.socket)), RawClient())
             viaNginx.transport.write(data)
             (expected,) = responses(await viaNginx.waitClosed(), (method,))
             actual = await site.get(listener, data, (method,))
@@ -897,5 +875,4 @@ async def test_nginx_answers_the_same(cleanup, tmp_path):
                 assert actual.headers[b"content-range"] == expected.headers[b"content-range"]
     finally:
         site.dropClients()
-        nginx.terminate()
-        nginx.wait(timeout=10)
+        nginx.stop()

@@ -15,13 +15,10 @@ the first value of and 1.23 and later join (C{test_variables} covers it).
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from test_nginx_oracle import NGINX
+from nginxprocess import NginxProcess, configurationTest, httpConfiguration
 
 from wsproxy.http import parseRequestHead
 from wsproxy.variables import RequestContext, VariableError, compileTemplate
@@ -34,25 +31,13 @@ TEMPLATE = (
     "$query_string|$is_args|$request_method|$content_length|$content_type|$server_name|<$1$2>|$host$is_args"
 )
 
-CONFIG = """
-user root;
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log info;
-events {{ worker_connections 64; }}
-http {{
+HTTP = """
     access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     server {{
         listen unix:{prefix}/nginx.sock;
         server_name {serverName};
         location /v {{ return 200 '{template}'; }}
     }}
-}}
 """
 
 #: Request heads (without the blank line); each is sent with Connection: close.
@@ -106,56 +91,27 @@ CONFIG_CASES = [
 ]
 
 
-class Nginx:
+def configuration(prefix: Path, template: str) -> str:
+    """An nginx.conf whose C{location /v} answers with C{template}."""
+    return httpConfiguration(prefix, HTTP.format(prefix=prefix, serverName=SERVER_NAME, template=template))
+
+
+class Nginx(NginxProcess):
     """A real nginx answering with one template, in the foreground."""
 
     def __init__(self, prefix: Path, template: str) -> None:
-        assert Path(NGINX).exists(), "the nginx oracle needs Debian's nginx: apt-get install -y nginx"
-        self.prefix = prefix
-        self.socket = prefix / "nginx.sock"
-        self.config = prefix / "nginx.conf"
-        self.config.write_text(CONFIG.format(prefix=prefix, serverName=SERVER_NAME, template=template))
-        self.process: subprocess.Popen | None = None
+        super().__init__(prefix, configuration(prefix, template))
+        self.waitStarted()
 
-    def accepts(self) -> bool:
-        """Whether C{nginx -t} accepts the configuration."""
-        test = subprocess.run(
-            [NGINX, "-t", "-q", "-p", str(self.prefix), "-c", str(self.config)], capture_output=True, timeout=30
-        )
-        return test.returncode == 0
 
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [NGINX, "-p", str(self.prefix), "-c", str(self.config), "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.monotonic() + 10
-        while not self.socket.exists() and self.process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert self.socket.exists() and self.process.poll() is None, self.process.stderr.read().decode()
-
-    def fetch(self, request: bytes) -> bytes:
-        """The response to C{request}, read until nginx closes."""
-        with socket.socket(socket.AF_UNIX) as connection:
-            connection.settimeout(10)
-            connection.connect(str(self.socket))
-            connection.sendall(request)
-            received = []
-            while chunk := connection.recv(65536):
-                received.append(chunk)
-        return b"".join(received)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
+def accepts(prefix: Path, template: str) -> bool:
+    """Whether C{nginx -t} accepts the configuration with C{template}."""
+    return configurationTest(prefix, configuration(prefix, template)).returncode == 0
 
 
 @pytest.fixture(scope="module")
 def nginx(tmp_path_factory: pytest.TempPathFactory):
     server = Nginx(tmp_path_factory.mktemp("nginx"), TEMPLATE)
-    server.start()
     yield server
     server.stop()
 
@@ -190,7 +146,7 @@ def test_expansions_are_what_nginx_returns(nginx: Nginx, head: bytes) -> None:
 
 @pytest.mark.parametrize(("template", "valid"), CONFIG_CASES, ids=[case[0] for case in CONFIG_CASES])
 def test_templates_are_refused_as_nginx_refuses_them(tmp_path: Path, template: str, valid: bool) -> None:
-    assert Nginx(tmp_path, template).accepts() is valid, "what nginx does here"
+    assert accepts(tmp_path, template) is valid, "what nginx does here"
     if valid:
         compileTemplate(template)
     else:
