@@ -19,8 +19,12 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from OpenSSL import SSL
 from support import until
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
 
 #: Debian's nginx; the README's test command installs it.
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -208,3 +212,22 @@ class NginxProcess:
         if self.process.poll() is None:
             self.process.terminate()
         self.process.wait(timeout=10)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class SNIOnly:
+    """
+    A TLS client that sends C{name} as SNI and trusts whatever certificate
+    comes back: for comparing how servers route by name, not for checking
+    certificates.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def clientConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        context = SSL.Context(SSL.TLS_METHOD)
+        connection = SSL.Connection(context, None)
+        connection.set_tlsext_host_name(self.name.encode("ascii"))
+        connection.set_app_data(protocol)
+        return connection

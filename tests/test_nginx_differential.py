@@ -39,13 +39,10 @@ import crossplane
 import pytest
 import pytest_twisted
 import trustme
-from nginxprocess import NginxProcess
-from OpenSSL import SSL
+from nginxprocess import NginxProcess, SNIOnly
 from support import KEY, RawClient, listenScripted, stopProxy
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from zope.interface import implementer
 
 from wsproxy import parseConfig
 from wsproxy.http import websocketAccept
@@ -83,20 +80,6 @@ def named(name: str) -> Any:
         return b"HTTP/1.1 200 OK\r\nX-Upstream: %b\r\nContent-Length: 0\r\n\r\n" % name.encode()
 
     return answer
-
-
-@implementer(IOpenSSLClientConnectionCreator)
-class _SNIOnly:
-    """A TLS client that sends C{name} as SNI and trusts whatever certificate comes back."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def clientConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-        connection.set_tlsext_host_name(self.name.encode("ascii"))
-        connection.set_app_data(protocol)
-        return connection
 
 
 def directives(block: list[dict[str, Any]]) -> Any:
@@ -408,7 +391,7 @@ def casesFor(rewrite: Rewrite) -> list[Case]:
 async def ask(case: Case) -> bytes:
     endpoint: Any = UNIXClientEndpoint(reactor, str(case.socket), timeout=5)
     if case.sni is not None:
-        endpoint = wrapClientTLS(_SNIOnly(case.sni), endpoint)
+        endpoint = wrapClientTLS(SNIOnly(case.sni), endpoint)
     try:
         client = await connectProtocol(endpoint, RawClient())
     except Exception as failure:  # noqa: BLE001 - a refused connection is an answer too

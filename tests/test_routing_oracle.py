@@ -22,13 +22,10 @@ from typing import Any
 import pytest
 import pytest_twisted
 import trustme
-from nginxprocess import NginxProcess, httpConfiguration
-from OpenSSL import SSL
+from nginxprocess import NginxProcess, SNIOnly, httpConfiguration
 from support import RawClient, listenScripted, switching
 from twisted.internet import reactor
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
-from zope.interface import implementer
 
 from wsproxy import parseConfig
 from wsproxy.listeners import ProxyService
@@ -206,25 +203,10 @@ def named(name: str) -> Any:
     return answer
 
 
-@implementer(IOpenSSLClientConnectionCreator)
-class _SNIOnly:
-    """A TLS client that sends C{name} as SNI and trusts whatever certificate comes back."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def clientConnectionForTLS(self, protocol: Any) -> SSL.Connection:
-        context = SSL.Context(SSL.TLS_METHOD)
-        connection = SSL.Connection(context, None)
-        connection.set_tlsext_host_name(self.name.encode("ascii"))
-        connection.set_app_data(protocol)
-        return connection
-
-
 async def ask(socket: Path, request: bytes, sni: str | None) -> bytes:
     endpoint: Any = UNIXClientEndpoint(reactor, str(socket))
     if sni is not None:
-        endpoint = wrapClientTLS(_SNIOnly(sni), endpoint)
+        endpoint = wrapClientTLS(SNIOnly(sni), endpoint)
     client = await connectProtocol(endpoint, RawClient())
     client.transport.write(request)
     received = await client.waitFor(lambda data: b"\r\n\r\n" in data, timeout=5)
