@@ -466,17 +466,38 @@ def test_the_map_idiom_under_any_name(tmp_path):
     assert entry(conversion, "default upgrade").kind == "not needed"
 
 
-def test_a_map_used_in_a_header_is_unsupported_and_an_unused_one_is_not_needed(tmp_path):
+def test_a_map_used_in_a_header_is_converted_and_an_unused_one_is_not_needed(tmp_path):
     conversion = convert(
         tmp_path,
         site(
             "listen 80; location / { proxy_pass http://app; proxy_set_header X-Tier $tier; }",
-            http="map $http_x_plan $tier { default free; pro paid; }\nmap $uri $unused { default 1; }",
+            http='map $http_x_plan $tier { default free; pro "paid-$host"; ~*^ent enterprise; }\n'
+            "map $uri $unused { default 1; }",
         ),
     )
-    assert entry(conversion, "map $http_x_plan").affectsClients
-    assert "$tier" in entry(conversion, "proxy_set_header X-Tier").detail
+    assert entry(conversion, "map $http_x_plan").kind == "converted"
+    assert entry(conversion, "pro").detail == "map.tier.values"
+    assert conversion.document["map"] == {
+        "tier": {"source": "$http_x_plan", "default": "free", "values": {"pro": "paid-$host", "~*^ent": "enterprise"}}
+    }
+    assert entry(conversion, "proxy_set_header X-Tier").kind == "converted"
     assert entry(conversion, "map $uri").kind == "not needed"
+    assert not conversion.blocking
+    config = parseConfig(conversion.document, "(converted)")
+    assert [variable.name for variable in config.maps] == ["tier"]
+    assert "[map.tier]" in conversion.toml
+
+
+def test_a_map_with_hostnames_stays_unsupported(tmp_path):
+    conversion = convert(
+        tmp_path,
+        site(
+            "listen 80; location / { proxy_pass http://app; proxy_set_header X-Site $site; }",
+            http="map $http_host $site { hostnames; default a; *.example.com b; }",
+        ),
+    )
+    assert entry(conversion, "map $http_host").affectsClients
+    assert "$site" in entry(conversion, "proxy_set_header X-Site").detail
 
 
 # Inheritance: nginx replaces, wsproxy merges

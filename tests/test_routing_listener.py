@@ -510,3 +510,58 @@ async def test_a_location_sets_its_own_body_limit(site):
         )
         response = await client.waitClosed()
         assert response is not None and status(response) == expected, (path, size, response[:80])
+
+
+@pytest_twisted.ensureDeferred
+async def test_map_variables_choose_header_values_and_redirects(site):
+    site.upstream("app")
+    document = {
+        "upstream": site.pools(),
+        "map": {
+            "tenant": {
+                "source": "$http_x_tenant",
+                "default": "public",
+                "values": {"Beta": "beta-$host", "~^g(\\d+)$": "gamma", "~*^OLD": "legacy"},
+            },
+            "destination": {"source": "$uri", "default": "", "values": {"/old": "/new/$tenant"}},
+        },
+        "server": [
+            site.server(
+                "localhost",
+                location=[
+                    {"match": "= /old", "return": "301 $destination"},
+                    {"match": "/", "proxy_pass": "http://app", "proxy_set_header": {"X-Tenant-Name": "$tenant"}},
+                ],
+            )
+        ],
+        "shutdown_timeout": 1,
+    }
+    service = ProxyService(parseConfig(document, source="(test)"), reactor)
+    service.startService()
+    site.cleanup.service(service)
+    await service.listeners[0].listeningPort()
+    for sent, expected in (("BETA", b"beta-localhost"), ("g12", b"gamma"), ("old-one", b"legacy"), ("x", b"public")):
+        await site.get("/", extra=f"X-Tenant: {sent}\r\n")
+        assert b"\r\nX-Tenant-Name: " + expected + b"\r\n" in site.upstreams["app"].requests[-1]
+    response = await site.get("/old", extra="X-Tenant: beta\r\n")
+    scheme = b"https" if site.tls else b"http"
+    assert header(response, b"location") == b"%b://localhost:%d/new/beta-localhost" % (scheme, site.port)
+
+
+@pytest.mark.parametrize(
+    "maps, problem",
+    [
+        ({"m": {"source": "$nosuch"}}, "map.m: unknown variable $nosuch"),
+        ({"m": {"source": "$uri", "values": {"~(": "x"}}}, "map.m: map $m: bad regex"),
+        ({"M-1": {"source": "$uri"}}, "map.M-1.(name)"),
+    ],
+)
+def test_map_mistakes_are_one_line(maps, problem):
+    document = {
+        "upstream": {"app": {"servers": ["127.0.0.1:9"]}},
+        "map": maps,
+        "server": [{"listen": "tcp:8080", "proxy_pass": "http://app", "proxy_set_header": {"X": "$uri"}}],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parseConfig(document, "(test)")
+    assert problem in str(caught.value)

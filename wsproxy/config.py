@@ -26,6 +26,7 @@ __all__ = [
     "HealthCheck",
     "ListenAddress",
     "Location",
+    "MapVariable",
     "Metrics",
     "ServerBlock",
     "Upstream",
@@ -298,6 +299,19 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class MapVariable:
+    """
+    A C{[map.NAME]} table: nginx's C{map SOURCE $NAME { KEY VALUE; ... }},
+    a variable whose value depends on another (see L{wsproxy.variables.VariableMap}).
+    """
+
+    name: str
+    source: str
+    default: str = ""
+    values: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole configuration file, validated."""
 
@@ -315,6 +329,8 @@ class Config:
     #: When a drain sends its 1001 Close frames (seconds after it begins),
     #: if sooner than C{shutdown_timeout}; C{None}: only then.
     websocket_drain_close_after: float | None = None
+    #: C{[map.NAME]} tables: nginx's C{map} variables.
+    maps: tuple[MapVariable, ...] = ()
 
     @property
     def addresses(self) -> dict[ListenAddress, tuple[int, ...]]:
@@ -355,7 +371,11 @@ class _Reader:
     """
     Reads one TOML table, remembering which keys were used so that the
     unknown ones can be reported.
+
+    @ivar mapNames: the C{[map.NAME]} variables values may use.
     """
+
+    mapNames: frozenset[str] = frozenset()
 
     def __init__(self, source: str, prefix: str, table: Any) -> None:
         self.source = source
@@ -534,8 +554,9 @@ def _serverTableText(reader: _Reader, table: dict[str, Any]) -> str:
     return " ".join(words)
 
 
-def _readUpstream(source: str, name: str, table: Any) -> Upstream:
+def _readUpstream(source: str, name: str, table: Any, mapNames: frozenset[str] = frozenset()) -> Upstream:
     reader = _Reader(source, f"upstream.{name}", table)
+    reader.mapNames = mapNames
     addresses = _readServerAddresses(reader)
     if all(address.backup for address in addresses):
         raise reader.fail("servers", "needs at least one server that is not a backup")
@@ -676,8 +697,11 @@ def _readResolver(reader: _Reader) -> tuple[str, int] | None:
     return str(ip), int(portText)
 
 
-def _readServer(source: str, index: int, table: Any, upstreams: dict[str, Upstream]) -> ServerBlock:
+def _readServer(
+    source: str, index: int, table: Any, upstreams: dict[str, Upstream], mapNames: frozenset[str] = frozenset()
+) -> ServerBlock:
     reader = _Reader(source, f"server[{index}]", table)
+    reader.mapNames = mapNames
     listens = reader.strings("listen")
     if not listens or not all(listens):
         raise reader.fail("listen", "is required (a Twisted endpoint such as tcp:8080, or a list of them)")
@@ -738,7 +762,9 @@ def _readServer(source: str, index: int, table: Any, upstreams: dict[str, Upstre
     locations = []
     for position, locationTable in enumerate(locationTables):
         where = f"server[{index}].location[{position}]"
-        locations.append(_readLocation(_Reader(source, where, locationTable), server, values, upstreams))
+        locationReader = _Reader(source, where, locationTable)
+        locationReader.mapNames = mapNames
+        locations.append(_readLocation(locationReader, server, values, upstreams))
     reader.finish()
     if locations:
         server = replace(server, locations=tuple(locations))
@@ -850,6 +876,9 @@ def _readRequestKeys(
             raise reader.fail(
                 "try_files", 'needs at least two entries: files to try, then a fallback ("=404", "@name" or a URI)'
             )
+        for entry in tryFiles:
+            if not entry.startswith(("=", "@")):
+                _checkTemplate(reader, "try_files", entry)
         values["try_files"] = tryFiles
     if location is not None:
         values["internal"] = reader.get("internal", bool, False)
@@ -884,7 +913,7 @@ def _checkTemplate(reader: _Reader, key: str, text: str) -> None:
     from .variables import VariableError, compileTemplate
 
     try:
-        compileTemplate(text)
+        compileTemplate(text, reader.mapNames)
     except VariableError as e:
         raise reader.fail(key, str(e)) from None
 
@@ -1086,11 +1115,13 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
     reader = _Reader(source, "", dict(document))
     reader.prefix = "(top level)"
     upstreamTables = reader.get("upstream", dict, {})
-    upstreams = {name: _readUpstream(source, name, table) for name, table in upstreamTables.items()}
+    maps = _readMaps(source, reader.get("map", dict, {}))
+    mapNames = frozenset(variableMap.name for variableMap in maps)
+    upstreams = {name: _readUpstream(source, name, table, mapNames) for name, table in upstreamTables.items()}
     serverTables = reader.get("server", list, [])
     if not serverTables:
         raise ConfigError(source, "server", "at least one [[server]] block is required")
-    servers = tuple(_readServer(source, i, t, upstreams) for i, t in enumerate(serverTables))
+    servers = tuple(_readServer(source, i, t, upstreams, mapNames) for i, t in enumerate(serverTables))
     formats = _readLogFormats(source, reader.get("log_format", dict, {}))
     config = Config(
         source=source,
@@ -1102,6 +1133,7 @@ def parseConfig(document: Mapping[str, Any], source: str = "<config>") -> Config
         metrics=_readMetrics(source, reader.get("metrics", dict, None)),
         websocket_close_timeout=reader.seconds("websocket_close_timeout", 5.0),
         websocket_drain_close_after=_drainCloseAfter(reader),
+        maps=maps,
     )
     reader.finish()
     if config.metrics is not None and config.workers > 1:
@@ -1215,6 +1247,38 @@ def _drainCloseAfter(reader: _Reader) -> float | None:
         reader.used.add("websocket_drain_close_after")
         return 0.0 if value else None
     return reader.seconds("websocket_drain_close_after", 0.0)
+
+
+def _readMaps(source: str, tables: dict[str, Any]) -> tuple[MapVariable, ...]:
+    """
+    C{[map.NAME]}: C{source} (a value with variables, nginx's first
+    argument), C{default}, and C{values}, a table of key to value in
+    nginx's order.  Each is compiled now, so that a mistake stops the load.
+    """
+    from .variables import VariableError, VariableMap
+
+    maps = []
+    for name, table in tables.items():
+        reader = _Reader(source, f"map.{name}", table)
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+            raise reader.fail("(name)", "a map's name is a variable name: lowercase letters, digits and _")
+        mapSource = reader.get("source", str)
+        if not mapSource:
+            raise reader.fail("source", 'is required: the value to look up, such as "$http_x_tenant"')
+        values = reader.get("values", dict, {})
+        for key, value in values.items():
+            if not isinstance(value, str):
+                raise reader.fail(f"values.{key}", "expected a string")
+        variable = MapVariable(name, mapSource, reader.get("default", str, ""), tuple(values.items()))
+        reader.finish()
+        maps.append(variable)
+    names = [variable.name for variable in maps]
+    for variable in maps:
+        try:
+            VariableMap(variable.name, variable.source, variable.default, variable.values, names)
+        except VariableError as e:
+            raise ConfigError(source, f"map.{variable.name}", str(e)) from None
+    return tuple(maps)
 
 
 def _checkVirtualHosts(config: Config) -> None:

@@ -645,6 +645,9 @@ class _Converter:
         self.servers: list[_Table] = []
         self.maps: dict[str, _Directive] = {}
         self.idiomMaps: set[str] = set()
+        #: Maps wsproxy's C{[map.NAME]} can say (no C{hostnames}, no C{include}).
+        self.convertibleMaps: set[str] = set()
+        self.mapTables: dict[str, _Table] = {}
         self.usedMaps: set[str] = set()
         self.limitZones: dict[str, str] = {}
         self.listens: list[tuple[str, _Directive]] = []
@@ -745,6 +748,8 @@ class _Converter:
                 self.maps[directive.args[1].lstrip("$").lower()] = directive
                 if _isUpgradeMap(directive):
                     self.idiomMaps.add(directive.args[1].lstrip("$").lower())
+                elif _convertibleMap(directive):
+                    self.convertibleMaps.add(directive.args[1].lstrip("$").lower())
         for directive in block:
             if self.include(directive):
                 continue
@@ -771,13 +776,48 @@ class _Converter:
             self.report(directive, "not needed", "the upgrade idiom: wsproxy forwards upgrades itself")
             for entry in directive.block or ():
                 self.report(entry, "not needed", "part of the upgrade idiom")
+        elif variable in self.usedMaps and variable in self.convertibleMaps:
+            self.convertMap(variable, directive)
         elif variable in self.usedMaps:
-            self.report(directive, "unsupported", f"no map variables: ${variable} is used", affects=True)
+            self.report(
+                directive,
+                "unsupported",
+                f"${variable} is used, and its hostnames or include have no equivalent",
+                affects=True,
+            )
             self.reportInside(directive.block or (), f"inside map ({directive.where})")
         else:
             self.report(directive, "not needed", f"${variable} is not used")
             for entry in directive.block or ():
                 self.report(entry, "not needed", f"inside map ({directive.where}), not used")
+
+    def convertMap(self, variable: str, directive: _Directive) -> None:
+        """A used C{map} as a C{[map.NAME]} table, entry by entry."""
+        table = _Table()
+        missing = self.missingVariable(directive.args[0])
+        if missing is not None:
+            self.report(directive, "unsupported", missing, affects=True)
+            self.reportInside(directive.block or (), f"inside map ({directive.where})")
+            return
+        table.set("source", directive.args[0], directive.where)
+        self.report(directive, "converted", f"[map.{variable}]")
+        for entry in directive.block or ():
+            if entry.name == "volatile":
+                self.report(
+                    entry, "not needed", "wsproxy works a map out once per request, as nginx's volatile does not"
+                )
+                continue
+            value = entry.args[0] if entry.args else ""
+            missing = self.missingVariable(value)
+            if missing is not None:
+                self.report(entry, "unsupported", missing, affects=True)
+            elif entry.name == "default":
+                table.set("default", value, entry.where)
+                self.report(entry, "converted", f"map.{variable}.default")
+            else:
+                table.set(("values", entry.name), value, entry.where)
+                self.report(entry, "converted", f"map.{variable}.values")
+        self.mapTables[variable] = table
 
     # upstream
 
@@ -1237,9 +1277,10 @@ class _Converter:
         for name in _variables(text):
             if name in self.maps and name not in self.idiomMaps:
                 self.usedMaps.add(name)
-                return f"${name} is a map variable (wsproxy has no map)"
+                if name not in self.convertibleMaps:
+                    return f"${name} is a map variable with hostnames or include (no [map] equivalent)"
         try:
-            compileTemplate(text)
+            compileTemplate(text, self.convertibleMaps)
         except VariableError as e:
             message = str(e)
             if message.startswith("unknown variable"):
@@ -1557,6 +1598,17 @@ def _listens(server: _Table) -> list[str]:
     return [listen] if isinstance(listen, str) else list(listen)
 
 
+def _convertibleMap(directive: _Directive) -> bool:
+    """Whether a C{map} says only what C{[map.NAME]} says: keys, values, a default."""
+    return all(
+        entry.block is None
+        and entry.name not in ("hostnames", "include")
+        and len(entry.args) == 1
+        or entry.name == "volatile"
+        for entry in directive.block or ()
+    )
+
+
 def _isUpgradeMap(directive: _Directive) -> bool:
     """
     C{map $http_upgrade $x { default upgrade; '' close; }}, the idiom of
@@ -1623,6 +1675,10 @@ def _render(converter: _Converter) -> tuple[dict[str, Any], str]:
         document["upstream"] = {name: table.document() for name, table in converter.upstreams.items()}
         for name, table in converter.upstreams.items():
             lines += ["", f"[upstream.{_tomlKey(name)}]", *table.lines()]
+    if converter.mapTables:
+        document["map"] = {name: table.document() for name, table in converter.mapTables.items()}
+        for name, table in converter.mapTables.items():
+            lines += ["", f"[map.{_tomlKey(name)}]", *table.lines()]
     document["server"] = [server.document() for server in converter.servers]
     for server in converter.servers:
         lines += ["", "[[server]]", *server.lines()]

@@ -45,7 +45,7 @@ from .interfaces import IExchange, ILegOwner, IRequestLoop
 from .leg import Leg, Unowned
 from .tls import describeTLSFailure
 from .upstream import Lease, NoUpstreamAvailable, UpstreamsFull, ipHashKey
-from .variables import headerValueOK
+from .variables import MapValues, headerValueOK
 
 if TYPE_CHECKING:
     from .server import ListenerSettings
@@ -399,6 +399,8 @@ class Exchange:
             forwardedFor(self.request, client.clientAddress, settings),
             underscores=settings.block.underscores_in_headers,
         )
+        if settings.maps:
+            self.context.extra = MapValues(self.context, settings.maps)
         return self.context
 
     def _ownName(self) -> bytes:

@@ -43,7 +43,7 @@ from .routing import (
 from .server import ConnectionSettings, ListenerSettings, RequestLoop
 from .static import NeedsSlash, StaticAnswer, StaticFiles
 from .upstream import UpstreamPool
-from .variables import RequestContext, compileTemplate, headerValueOK
+from .variables import MapValues, RequestContext, VariableMap, compileTemplate, headerValueOK
 
 __all__ = ["AddressSettings", "LocationSettings", "VirtualHost", "routingTable"]
 
@@ -76,7 +76,7 @@ class LocationSettings(ListenerSettings):
         modifier, pattern = parseLocationMatch(match)
         self.prefix = pattern.encode("utf-8") if modifier in ("", "=", "^~") else b""
         self.setHeaders = tuple(
-            (name.lower().encode("ascii"), name.encode("ascii"), compileTemplate(value))
+            (name.lower().encode("ascii"), name.encode("ascii"), compileTemplate(value, vhost.maps))
             for name, value in block.proxy_set_header
         )
         self.setNames = frozenset(lower for lower, _, _ in self.setHeaders)
@@ -92,16 +92,20 @@ class LocationSettings(ListenerSettings):
         # An entry ending in "/" tests for a directory, and is then served
         # without that slash (nginx decides this from the entry as written).
         self.tryFiles = tuple(
-            (compileTemplate(entry[:-1] if entry.endswith("/") else entry), entry.endswith("/"))
+            (compileTemplate(entry[:-1] if entry.endswith("/") else entry, vhost.maps), entry.endswith("/"))
             for entry in block.try_files[:-1]
         )
         self.fallback = block.try_files[-1] if block.try_files else None
+        self.fallbackURI = None
+        if self.fallback is not None and not self.fallback.startswith(("=", "@")):
+            self.fallbackURI = compileTemplate(self.fallback, vhost.maps)
+        self.maps = vhost.maps
         self.returnStatus = 0
         self.returnText: Any = None
         if block.return_ is not None:
             code, _, text = block.return_.partition(" ")
             self.returnStatus = int(code)
-            self.returnText = compileTemplate(text)
+            self.returnText = compileTemplate(text, vhost.maps)
         if block.return_ is not None:
             self.handler = "return"
         elif block.try_files:
@@ -139,10 +143,18 @@ class VirtualHost:
     metrics: Any = NO_METRICS
 
     def __init__(
-        self, index: int, block: ServerBlock, pools: Mapping[str, UpstreamPool], reactor: Any, secure: bool
+        self,
+        index: int,
+        block: ServerBlock,
+        pools: Mapping[str, UpstreamPool],
+        reactor: Any,
+        secure: bool,
+        maps: Mapping[str, VariableMap] | None = None,
     ) -> None:
         self.index = index
         self.block = block
+        #: The configuration's C{map} variables, by name.
+        self.maps: Mapping[str, VariableMap] = maps or {}
         self.name = block.server_name.encode("ascii")
         self.extraHeaders = tuple((k.encode("ascii"), v.encode("ascii")) for k, v in block.add_header)
         if not secure:
@@ -191,7 +203,11 @@ class AddressSettings(ConnectionSettings):
         self.reactor = reactor
         self.secure = secure
         self.scheme = b"https" if secure else b"http"
-        self.vhosts = [VirtualHost(i, config.servers[i], pools, reactor, secure) for i in indexes]
+        maps = {
+            m.name: VariableMap(m.name, m.source, m.default, m.values, [n.name for n in config.maps])
+            for m in config.maps
+        }
+        self.vhosts = [VirtualHost(i, config.servers[i], pools, reactor, secure, maps) for i in indexes]
         byIndex = {vhost.index: vhost for vhost in self.vhosts}
         self.defaultHost = byIndex[default]
         self.names = ServerNames(_implicitNames(self.vhosts), self.defaultHost)
@@ -356,7 +372,7 @@ class _Routing:
             return self._error(location, int(fallback[1:]), "no file for this URI")
         if fallback.startswith("@"):
             return self._named(location, fallback[1:])
-        target = compileTemplate(fallback).expand(self._context(location))
+        target = location.fallbackURI.expand(self._context(location))
         path, _, args = target.partition(b"?")
         if args:
             self.args = args
@@ -458,7 +474,7 @@ class _Routing:
         leg = self.loop.leg
         peer = leg.transport.getPeer()
         local = leg.transport.getHost()
-        return RequestContext(
+        context = RequestContext(
             self.request,
             leg.clientAddress,
             getattr(peer, "port", 0),
@@ -471,6 +487,9 @@ class _Routing:
             self.captures,
             underscores=location.block.underscores_in_headers,
         )
+        if location.maps:
+            context.extra = MapValues(context, location.maps)
+        return context
 
 
 def _implicitNames(vhosts: list[VirtualHost]) -> list[tuple[tuple[str, ...], VirtualHost]]:

@@ -94,6 +94,8 @@ class ListenerSettings(ConnectionSettings):
     responseDrop: frozenset[bytes] = frozenset({b"content-length"})
     #: proxy_redirect: (prefix, replacement) pairs for a response's Location.
     redirects: tuple[tuple[bytes, bytes], ...] = ()
+    #: The configuration's C{map} variables, by name (L{wsproxy.variables.VariableMap}).
+    maps: Any = {}
 
     def __init__(self, block: ServerBlock, pool: UpstreamPool | None, reactor: Any, secure: bool = False) -> None:
         super().__init__(block)

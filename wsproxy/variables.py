@@ -51,16 +51,18 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 from .http import RequestHead
 
 __all__ = [
     "PREFIXES",
     "VARIABLES",
+    "MapValues",
     "RequestContext",
     "Template",
     "VariableError",
+    "VariableMap",
     "compileTemplate",
     "headerValueOK",
 ]
@@ -464,3 +466,77 @@ def compileTemplate(text: str, extraNames: Collection[str] = ()) -> Template:
     if position < len(text):
         parts.append(_literal(text[position:]))
     return Template(text, parts, tuple(names))
+
+
+class VariableMap:
+    """
+    nginx's C{map SOURCE $NAME { ... }}: a variable whose value depends on
+    another value of the request, worked out only when something reads it.
+
+    Keys are matched as nginx matches them: a string ignoring case (a
+    leading C{\\} escapes a key that would read as a special word), then
+    the regexes (C{~} case-sensitive, C{~*} not) in the order given, else
+    the default.  Values, the source and the default may use variables,
+    other maps' included.
+    """
+
+    def __init__(
+        self, name: str, source: str, default: str, values: Sequence[tuple[str, str]], mapNames: Collection[str] = ()
+    ) -> None:
+        """
+        @raise VariableError: for an unknown variable or a bad regex.
+        """
+        self.name = name
+        self.source = compileTemplate(source, mapNames)
+        self.default = compileTemplate(default, mapNames)
+        self.exact: dict[bytes, Template] = {}
+        self.patterns: list[tuple[re.Pattern[bytes], Template]] = []
+        for key, value in values:
+            template = compileTemplate(value, mapNames)
+            if key.startswith("~"):
+                caseless = key.startswith("~*")
+                pattern = key[2:] if caseless else key[1:]
+                try:
+                    compiled = re.compile(pattern.encode("utf-8"), re.IGNORECASE if caseless else 0)
+                except re.error as e:
+                    raise VariableError(f"map ${name}: bad regex {pattern!r}: {e}") from None
+                self.patterns.append((compiled, template))
+            else:
+                self.exact.setdefault(key.removeprefix("\\").lower().encode("utf-8"), template)
+
+    def value(self, ctx: RequestContext) -> bytes:
+        """This map's value for the request C{ctx}."""
+        source = self.source.expand(ctx)
+        template = self.exact.get(source.lower())
+        if template is None:
+            template = next((t for pattern, t in self.patterns if pattern.search(source)), self.default)
+        return template.expand(ctx)
+
+
+class MapValues:
+    """
+    The map variables of one request (a L{RequestContext}'s C{extra}): each
+    is worked out on first use and kept for the rest of the request.  A map
+    that reads itself, directly or not, reads an empty value.
+    """
+
+    __slots__ = ("ctx", "maps", "values")
+
+    def __init__(self, ctx: RequestContext, maps: Mapping[str, VariableMap]) -> None:
+        self.ctx = ctx
+        self.maps = maps
+        self.values: dict[str, bytes] = {}
+
+    def __bool__(self) -> bool:
+        return True
+
+    def get(self, name: str, default: bytes = b"") -> bytes:
+        values = self.values
+        if name in values:
+            return values[name]
+        variableMap = self.maps.get(name)
+        if variableMap is None:
+            return default
+        values[name] = b""
+        values[name] = value = variableMap.value(self.ctx)
+        return value
