@@ -60,12 +60,6 @@ os.execv(sys.argv[2], sys.argv[2:])
 GET = b"GET /deployed HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
 
 
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
-
-
 def replaceOnce(text: str, pattern: str, replacement: str) -> str:
     """C{text} with the one match of C{pattern} replaced: a file that changed shape fails here."""
     found = re.findall(pattern, text, flags=re.M)
@@ -73,9 +67,19 @@ def replaceOnce(text: str, pattern: str, replacement: str) -> str:
     return re.sub(pattern, replacement, text, flags=re.M)
 
 
-def withMetricsOn(text: str, port: int) -> str:
-    """The configuration's metrics listener moved to C{port} on loopback."""
-    return replaceOnce(text, r'^listen = "tcp:9145[^"]*"', f'listen = "tcp:{port}:interface={LOOPBACK}"')
+def withMetricsOn(text: str) -> str:
+    """The configuration's metrics listener moved to a free port on loopback (its log line names it)."""
+    return replaceOnce(text, r'^listen = "tcp:9145[^"]*"', f'listen = "tcp:0:interface={LOOPBACK}"')
+
+
+#: What the metrics listener logs once bound.
+METRICS_LISTENING = re.compile(r"\bmetrics \S+ listening on \S+:(\d+)\r?\n")
+
+
+async def metricsPortOf(log: Path, timeout: float = 20.0) -> int:
+    """The port the metrics listener bound, from its log line (a bounded poll)."""
+    assert await until(lambda: METRICS_LISTENING.search(log.read_text(errors="replace")), timeout), log.read_text()
+    return int(METRICS_LISTENING.search(log.read_text(errors="replace")).group(1))
 
 
 def listenPort(listen: str) -> int:
@@ -144,9 +148,8 @@ async def test_the_image_command_serves_the_configmap_and_stops_on_sigterm(clean
     text = manifests()["ConfigMap"]["data"]["wsproxy.toml"]
     text = replaceOnce(text, r'^listen = "tcp:8080"', f'listen = "tcp:0:interface={LOOPBACK}"')
     text = replaceOnce(text, r"^servers = \[.*\]", f'servers = ["{LOOPBACK}:{upstream.getHost().port}"]')
-    metricsPort = freePort()
     config = tmp_path / "wsproxy.toml"
-    config.write_text(withMetricsOn(text, metricsPort))
+    config.write_text(withMetricsOn(text))
     command = [str(config) if word == configPath() else word for word in imageCommand()]
     assert command.count(str(config)) == 1
     log = tmp_path / "twistd.log"
@@ -157,6 +160,7 @@ async def test_the_image_command_serves_the_configmap_and_stops_on_sigterm(clean
         response = await exchange(port, GET, timeout=10)
         assert response is not None and response.startswith(b"HTTP/1.1 200 ") and response.endswith(b"deployed")
         assert any(b"x-forwarded-for: 127.0.0.1" in r.lower() for r in factory.requests)
+        metricsPort = await metricsPortOf(log)
         check = [word.replace(":9145/", f":{metricsPort}/") for word in healthCheck()]
         result = await deferToThread(subprocess.run, check, env=RUNNING, capture_output=True, timeout=20)
         assert result.returncode == 0, result.stderr
@@ -333,7 +337,7 @@ async def test_the_systemd_service_serves_on_the_sockets_it_is_handed(cleanup, t
     text = replaceOnce(text, r'^ssl_certificate = "[^"]*"', f'ssl_certificate = "{certificate}"')
     text = replaceOnce(text, r'^ssl_certificate_key = "[^"]*"', f'ssl_certificate_key = "{key}"')
     config = tmp_path / "wsproxy.toml"
-    config.write_text(withMetricsOn(text, freePort()))
+    config.write_text(withMetricsOn(text))
 
     bound = []
     for _ in readUnit(DEPLOY / "systemd" / "wsproxy.socket")["Socket"]["ListenStream"]:

@@ -19,7 +19,7 @@ import pytest_twisted
 import trustme
 from support import ENVIRONMENT, KEY, LOOPBACK, TWISTD, RawClient, listenScripted, switching, until, upgradeRequest
 from twisted.internet import reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
 from wsproxy import parseConfig
@@ -27,12 +27,6 @@ from wsproxy.config import ConfigError
 from wsproxy.listeners import ProxyService
 
 NAMED = re.compile(rb"X-Upstream: (\w+)")
-
-
-def freePort() -> int:
-    with socket.socket() as probe:
-        probe.bind((LOOPBACK, 0))
-        return probe.getsockname()[1]
 
 
 def named(name: str, extra: bytes = b"") -> Any:
@@ -62,7 +56,9 @@ class Site:
         self.tmp = tmp_path
         self.upstreams: dict[str, Any] = {}
         self.ca = trustme.CA()
-        self.port = freePort()
+        #: Virtual hosts share one address; a UNIX socket in the test's
+        #: directory is one no other test can take meanwhile.
+        self.socket = tmp_path / "site.sock"
         self.clients: list[RawClient] = []
 
     @property
@@ -87,7 +83,7 @@ class Site:
     def server(self, names: list[str] | str = (), **block: Any) -> dict[str, Any]:
         """A server block on the site's address."""
         names = [names] if isinstance(names, str) else list(names)
-        server = {"listen": f"tcp:{self.port}:interface={LOOPBACK}", "access_log": False, **block}
+        server = {"listen": f"unix:{self.socket}", "access_log": False, **block}
         if names:
             server["server_name"] = names
         if self.tls and "ssl_certificate" not in server:
@@ -108,7 +104,7 @@ class Site:
         return service
 
     async def connect(self, sni: str = "localhost") -> RawClient:
-        endpoint: Any = TCP4ClientEndpoint(reactor, LOOPBACK, self.port)
+        endpoint: Any = UNIXClientEndpoint(reactor, str(self.socket))
         if self.tls:
             endpoint = wrapClientTLS(
                 optionsForClientTLS(sni, trustRoot=Certificate.loadPEM(self.ca.cert_pem.bytes())), endpoint
@@ -273,7 +269,8 @@ async def test_locations_pick_their_handlers(site):
     assert await site.get("/gone") == b""
     # A prefix location ending in / and handled by proxy_pass: the URI without the slash is redirected.
     response = await site.get("/ws?x=1")
-    expected = b"%b://localhost:%d/ws/?x=1" % (b"https" if site.tls else b"http", site.port)
+    # A UNIX socket has no port: the redirect names none, as nginx's would.
+    expected = b"%b://localhost/ws/?x=1" % (b"https" if site.tls else b"http")
     assert (status(response), header(response, b"location")) == (301, expected)
 
 
@@ -409,7 +406,9 @@ async def test_a_location_without_upgrades_sends_the_handshake_as_a_plain_get(si
 
 
 def test_check_prints_the_routing_table_and_binds_nothing(tmp_path):
-    port = freePort()
+    holder = socket.socket()
+    holder.bind((LOOPBACK, 0))  # --check must not try to bind it
+    port = holder.getsockname()[1]
     config = tmp_path / "site.toml"
     config.write_text(
         f"""
@@ -426,8 +425,6 @@ match = "/"
 proxy_pass = "http://127.0.0.1:8080"
 """
     )
-    holder = socket.socket()
-    holder.bind((LOOPBACK, port))  # --check must not try to bind it
     try:
         done = subprocess.run(
             [TWISTD, "-n", "wsproxy", "--config", str(config), "--check"],
@@ -480,13 +477,13 @@ async def test_reload_changes_locations_and_open_tunnels_keep_running(site):
 @pytest_twisted.ensureDeferred
 async def test_a_block_listens_on_each_address_of_its_list(site):
     site.upstream("app")
-    second = freePort()
+    second = site.tmp / "second.sock"
     server = site.server("localhost", proxy_pass="http://app")
-    server["listen"] = [server["listen"], f"tcp:{second}:interface={LOOPBACK}"]
+    server["listen"] = [server["listen"], f"unix:{second}"]
     service = await site.start(server)
     assert len(service.listeners) == 2
     assert upstreamOf(await site.get("/")) == "app"
-    site.port = second
+    site.socket = second
     assert upstreamOf(await site.get("/")) == "app"
 
 
@@ -545,7 +542,7 @@ async def test_map_variables_choose_header_values_and_redirects(site):
         assert b"\r\nX-Tenant-Name: " + expected + b"\r\n" in site.upstreams["app"].requests[-1]
     response = await site.get("/old", extra="X-Tenant: beta\r\n")
     scheme = b"https" if site.tls else b"http"
-    assert header(response, b"location") == b"%b://localhost:%d/new/beta-localhost" % (scheme, site.port)
+    assert header(response, b"location") == b"%b://localhost/new/beta-localhost" % scheme
 
 
 @pytest.mark.parametrize(
