@@ -921,3 +921,19 @@ def test_a_server_without_listen_joins_the_dual_stack_address(tmp_path):
     )
     assert [s["listen"] for s in conversion.document["server"]] == ["tcp6:80:interface=\\:\\:"] * 2
     parseConfig(conversion.document)
+
+
+def test_an_upgrading_location_idles_out_as_nginx_does(tmp_path):
+    conversion = convert(
+        tmp_path,
+        site(
+            f"listen 80;\n location /ws/ {{ proxy_pass http://app; {UPGRADE} proxy_read_timeout 1d; }}\n"
+            f" location /live/ {{ proxy_pass http://app; {UPGRADE} }}\n"
+            " location / { proxy_pass http://app; proxy_read_timeout 5m; }"
+        ),
+    )
+    tables = locations(conversion)
+    assert tables["/ws/"]["websocket_idle_timeout"] == 86400
+    assert tables["/live/"]["websocket_idle_timeout"] == 60, "nginx's default proxy_read_timeout"
+    assert "websocket_idle_timeout" not in tables["/"], "a location that does not upgrade has no tunnels"
+    assert "websocket_idle_timeout = 86400" in entry(conversion, "location /ws/").detail

@@ -1551,6 +1551,18 @@ class _Converter:
             notes.append(
                 "upgrade_protocols = []: nginx would not upgrade here (no proxy_set_header Upgrade and Connection)"
             )
+            return
+        # nginx closes an upgraded connection after proxy_read_timeout (60 s
+        # by default) without a byte from the upstream; wsproxy's tunnels
+        # have their own idle limit, which counts silence both ways.
+        readTimeout = scope.last("proxy_read_timeout")
+        seconds = _seconds(readTimeout.args[0]) if readTimeout is not None and readTimeout.args else 60
+        source = readTimeout.where if readTimeout is not None else f"{location.where} (nginx's default 60s)"
+        table.set("websocket_idle_timeout", seconds, source)
+        notes.append(
+            f"websocket_idle_timeout = {seconds:g}: nginx's proxy_read_timeout on the upgraded connection "
+            "(approximated: wsproxy counts silence either way, nginx the upstream's only)"
+        )
 
     def addHeaders(self, table: _Table, scope: _Scope) -> None:
         """nginx's effective C{add_header} list (and C{expires}) for this location, all of it on the location."""
