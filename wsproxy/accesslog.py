@@ -201,8 +201,8 @@ class LogEntry:
 
     def _fullContext(self, request: RequestHead, scheme: bytes, serverName: bytes, underscores: bool) -> RequestContext:
         from .http import HTTPError
+        from .matching import normalizePath, splitTarget
         from .relay import forwardedFor
-        from .routing import normalizePath, splitTarget
 
         path, args = splitTarget(request.path)
         try:

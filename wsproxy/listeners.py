@@ -34,10 +34,10 @@ from twisted.logger import Logger
 
 from .accesslog import openAccessLogs
 from .config import Config, ConfigError, ListenAddress, ServerBlock
+from .matching import RoutingError
 from .metrics import NO_METRICS, ProxyMetrics
 from .proxyprotocol import ProxyHeaderFactory, bareListen, expectsProxyHeader
 from .router import AddressSettings
-from .routing import RoutingError
 from .server import ProxyFactory
 from .tls import PreparedTLS, ServerTLS, TLSConfigError, combineTLS, prepareTLS, upstreamTLSOptions
 from .tunnel import tunnelOf

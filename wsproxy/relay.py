@@ -377,7 +377,7 @@ class Exchange:
         """The request's nginx variables, for C{proxy_set_header}."""
         if self.context is not None:
             return self.context
-        from .routing import normalizePath, splitTarget
+        from .matching import normalizePath, splitTarget
         from .variables import RequestContext
 
         client = self.client

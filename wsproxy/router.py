@@ -4,7 +4,7 @@ Routing: which virtual host and which location answer a request, and how.
 
 One L{AddressSettings} per listening address holds the address's virtual
 hosts (the C{[[server]]} blocks that share its C{listen}), each with its
-locations compiled once into L{wsproxy.routing} tables.  For each request
+locations compiled once into L{wsproxy.matching} tables.  For each request
 the C{Host} picks the virtual host (nginx's C{server_name} precedence), the
 normalised path picks the location (nginx's C{location} precedence), and
 the location's handler answers: a proxied L{wsproxy.relay.Exchange}, a
@@ -28,10 +28,7 @@ from .answers import CloseAnswer, ErrorAnswer, TextAnswer
 from .config import Config, ListenAddress, Location, ServerBlock
 from .http import HTTPError, RequestHead
 from .interfaces import IExchange
-from .metrics import NO_METRICS
-from .redirect import RedirectAnswer, RedirectSettings
-from .relay import Exchange, forwardedFor
-from .routing import (
+from .matching import (
     Locations,
     ServerNames,
     escapeURI,
@@ -40,6 +37,9 @@ from .routing import (
     parseLocationMatch,
     splitTarget,
 )
+from .metrics import NO_METRICS
+from .redirect import RedirectAnswer, RedirectSettings
+from .relay import Exchange, forwardedFor
 from .server import ConnectionSettings, ListenerSettings, RequestLoop
 from .static import NeedsSlash, StaticAnswer, StaticFiles
 from .upstream import UpstreamPool
@@ -534,7 +534,7 @@ def absoluteURL(loop: RequestLoop, scheme: bytes, host: bytes, path: bytes) -> b
 
 
 def _replaceURI(uri: bytes, args: bytes, prefix: bytes, replacement: bytes, raw: bytes) -> bytes:
-    from .routing import isQuotedPath, replaceURI
+    from .matching import isQuotedPath, replaceURI
 
     return replaceURI(uri, args, prefix, replacement, isQuotedPath(splitTarget(raw)[0]))
 

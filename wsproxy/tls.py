@@ -237,7 +237,7 @@ def combineTLS(default: PreparedTLS, others: Sequence[PreparedTLS]) -> PreparedT
     """
     if not others:
         return default
-    from .routing import ServerNames
+    from .matching import ServerNames
 
     entries = [(other.block.server_names, other) for other in others]
     entries.append((default.block.server_names, None))

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_routing,tests.test_routing_nginx -*-
+# -*- test-case-name: tests.test_matching,tests.test_matching_nginx -*-
 """
 nginx's request routing: which C{server} block a C{Host} picks
 (C{server_name}), which C{location} a path picks, the path normalisation
@@ -9,7 +9,7 @@ Operators bring nginx configurations; a request must land in the same block
 under wsproxy as under nginx, or a rule written for one path (an
 authentication C{location}, a C{^~} that shields static files from a regex)
 would silently guard another.  So the rules here are nginx's own, read from
-its source and checked against a real nginx (C{tests/test_routing_nginx.py}),
+its source and checked against a real nginx (C{tests/test_matching_nginx.py}),
 quirks included: C{%2F} decodes to a real C{/}, C{%2e} to a real dot, and
 C{/ws} is redirected to a proxied C{/ws/} before any regex is tried.
 

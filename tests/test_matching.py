@@ -1,10 +1,10 @@
 """
-L{wsproxy.routing} rule by rule: C{$host}, server names, location
+L{wsproxy.matching} rule by rule: C{$host}, server names, location
 arguments, location precedence and auto-redirect, C{$uri} normalisation,
 escaping and C{proxy_pass} URI replacement.  C{$uri} is also checked
 against a line-by-line port of nginx's C{ngx_http_parse_complex_uri}, and
 the compiled look-ups against plain linear scans, on generated input;
-C{tests/test_routing_nginx.py} checks the same rules against nginx itself.
+C{tests/test_matching_nginx.py} checks the same rules against nginx itself.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from wsproxy.http import HTTPError
-from wsproxy.routing import (
+from wsproxy.matching import (
     LocationMatch,
     Locations,
     RoutingError,
@@ -591,7 +591,7 @@ def test_normalize_path_is_nginxs_state_machine(pieces):
 
 
 def test_the_port_of_nginxs_state_machine_is_itself_right():
-    """The reference above, on what nginx was seen to answer (C{test_routing_nginx.py})."""
+    """The reference above, on what nginx was seen to answer (C{test_matching_nginx.py})."""
     assert nginxComplexURI(b"/docs%2F..%2Fexact") == b"/exact"
     assert nginxComplexURI(b"/docs/..%3F") == b"/docs/..?"
     assert nginxComplexURI(b"/a/%2e%2e/%2E%2E/x") is None

@@ -1,5 +1,5 @@
 """
-A real nginx is the oracle for L{wsproxy.routing}: one nginx.conf is built
+A real nginx is the oracle for L{wsproxy.matching}: one nginx.conf is built
 from the same server blocks and locations the tests compile with
 L{ServerNames} and L{Locations}, every location answers with its own id
 (C{return 200 "<id> $uri"}, or an upstream's C{$request_uri} for a proxied
@@ -25,7 +25,7 @@ import pytest
 from nginxprocess import NginxProcess, configurationTest, httpConfiguration
 
 from wsproxy.http import HTTPError
-from wsproxy.routing import (
+from wsproxy.matching import (
     Locations,
     RoutingError,
     ServerNames,
@@ -75,7 +75,7 @@ class Server:
         return [f"{self.ident}-{index}" for index in range(len(self.locations))]
 
     def compiled(self) -> Locations[tuple[str, Location]]:
-        """The locations for L{wsproxy.routing}: nginx redirects to a proxied one whose name ends with C{/}."""
+        """The locations for L{wsproxy.matching}: nginx redirects to a proxied one whose name ends with C{/}."""
         entries = []
         for ident, location in zip(self.locationIds(), self.locations, strict=True):
             _, pattern = parseLocationMatch(location.text)
@@ -521,7 +521,7 @@ class Routed:
 
 
 class Model:
-    """The servers compiled with L{wsproxy.routing}, predicting nginx's answers."""
+    """The servers compiled with L{wsproxy.matching}, predicting nginx's answers."""
 
     def __init__(self, servers: list[Server]) -> None:
         self.servers = {server.ident: server for server in servers}
