@@ -200,9 +200,8 @@ class LogEntry:
         return context
 
     def _fullContext(self, request: RequestHead, scheme: bytes, serverName: bytes, underscores: bool) -> RequestContext:
-        from .http import HTTPError
+        from .http import HTTPError, forwardedFor
         from .matching import normalizePath, splitTarget
-        from .relay import forwardedFor
 
         path, args = splitTarget(request.path)
         try:

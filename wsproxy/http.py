@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 __all__ = [
     "BodyDecoder",
@@ -28,7 +30,9 @@ __all__ = [
     "RequestHead",
     "ResponseHead",
     "errorResponse",
+    "forwardedFor",
     "forwardedRequestHeaders",
+    "fromTrustedProxy",
     "parseRequestHead",
     "parseResponseHead",
     "websocketAccept",
@@ -751,3 +755,32 @@ def errorResponse(
     lines.extend(b"%b: %b" % pair for pair in headers)
     lines.extend(b"%b: %b" % pair for pair in extraHeaders)
     return CRLF.join(lines) + HEAD_END + (b"" if head else body)
+
+
+def fromTrustedProxy(clientAddress: str, settings: Any) -> bool:
+    """
+    Whether the client is a proxy of our own (nginx C{set_real_ip_from}),
+    whose forwarding headers are believed; from anyone else they are
+    replaced, so that a client cannot forge where a request came from.
+    """
+    networks = settings.trustedProxies
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(clientAddress)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def forwardedFor(request: RequestHead, clientAddress: str, settings: Any, trusted: bool | None = None) -> bytes:
+    """
+    The C{X-Forwarded-For} sent upstream: the client's chain when the
+    client is a trusted proxy, then the client's address; from anyone
+    else, the address alone.
+    """
+    if trusted is None:
+        trusted = fromTrustedProxy(clientAddress, settings)
+    address = clientAddress.encode("ascii")
+    chain = request.fields.get(b"x-forwarded-for") if trusted else None
+    return b", ".join((*chain, address)) if chain else address

@@ -12,7 +12,6 @@ both directions under flow control and are re-framed, never held whole.
 from __future__ import annotations
 
 import enum
-import ipaddress
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +36,9 @@ from .http import (
     chunk,
     endToEnd,
     errorResponse,
+    forwardedFor,
     forwardedRequestHeaders,
+    fromTrustedProxy,
     parseResponseHead,
     websocketAccept,
 )
@@ -45,12 +46,12 @@ from .interfaces import IExchange, ILegOwner, IRequestLoop
 from .leg import Leg, Unowned
 from .tls import describeTLSFailure
 from .upstream import Lease, NoUpstreamAvailable, UpstreamsFull, ipHashKey
-from .variables import MapValues, headerValueOK
+from .variables import contextFor, headerValueOK
 
 if TYPE_CHECKING:
     from .server import ListenerSettings
 
-__all__ = ["Exchange", "ExchangeState", "UpstreamLeg", "forwardedFor"]
+__all__ = ["Exchange", "ExchangeState", "UpstreamLeg"]
 
 log = Logger()
 
@@ -66,35 +67,6 @@ _OWN_NAMES = {
     b"x-forwarded-host": b"X-Forwarded-Host",
 }
 _INTERIM_FORWARDED = (100, 102, 103)
-
-
-def fromTrustedProxy(clientAddress: str, settings: Any) -> bool:
-    """
-    Whether the client is a proxy of our own (nginx C{set_real_ip_from}),
-    whose forwarding headers are believed; from anyone else they are
-    replaced, so that a client cannot forge where a request came from.
-    """
-    networks = settings.trustedProxies
-    if not networks:
-        return False
-    try:
-        ip = ipaddress.ip_address(clientAddress)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
-
-
-def forwardedFor(request: RequestHead, clientAddress: str, settings: Any, trusted: bool | None = None) -> bytes:
-    """
-    The C{X-Forwarded-For} sent upstream: the client's chain when the
-    client is a trusted proxy, then the client's address; from anyone
-    else, the address alone.
-    """
-    if trusted is None:
-        trusted = fromTrustedProxy(clientAddress, settings)
-    address = clientAddress.encode("ascii")
-    chain = request.fields.get(b"x-forwarded-for") if trusted else None
-    return b", ".join((*chain, address)) if chain else address
 
 
 class UpstreamLeg(Leg):
@@ -188,6 +160,9 @@ class Exchange:
         self._output: list[bytes] = []
         #: The request target sent upstream (a location's proxy_pass URI may replace the client's).
         self.target = request.path
+        #: The normalised path and the query, when the router has them already.
+        self.uri: bytes | None = None
+        self.args: bytes | None = None
         #: The status the client is told instead of the upstream's (an C{error_page} answer).
         self.statusOverride = 0
         #: C{(status, message) -> IExchange | None}: the C{error_page} for an error of the proxy's own.
@@ -374,33 +349,9 @@ class Exchange:
         return lines
 
     def _variables(self) -> Any:
-        """The request's nginx variables, for C{proxy_set_header}."""
-        if self.context is not None:
-            return self.context
-        from .matching import normalizePath, splitTarget
-        from .variables import RequestContext
-
-        client = self.client
-        path, args = splitTarget(self.request.path)
-        try:
-            uri = normalizePath(path)
-        except HTTPError:
-            uri = path
-        settings = self.settings
-        self.context = RequestContext(
-            self.request,
-            client.clientAddress,
-            getattr(client.transport.getPeer(), "port", 0),
-            getattr(client.transport.getHost(), "port", 0),
-            settings.scheme,
-            settings.block.server_name.encode("ascii"),
-            uri,
-            args,
-            forwardedFor(self.request, client.clientAddress, settings),
-            underscores=settings.block.underscores_in_headers,
-        )
-        if settings.maps:
-            self.context.extra = MapValues(self.context, settings.maps)
+        """The request's nginx variables (C{proxy_set_header}, a C{hash} key), made once."""
+        if self.context is None:
+            self.context = contextFor(self.request, self.client, self.settings, self.uri, self.args)
         return self.context
 
     def _ownName(self) -> bytes:

@@ -39,11 +39,11 @@ from .matching import (
 )
 from .metrics import NO_METRICS
 from .redirect import RedirectAnswer, RedirectSettings
-from .relay import Exchange, forwardedFor
+from .relay import Exchange
 from .server import ConnectionSettings, ListenerSettings, RequestLoop
 from .static import NeedsSlash, StaticAnswer, StaticFiles
 from .upstream import UpstreamPool
-from .variables import MapValues, RequestContext, VariableMap, compileTemplate, headerValueOK
+from .variables import RequestContext, VariableMap, compileTemplate, contextFor, headerValueOK
 
 __all__ = ["AddressSettings", "LocationSettings", "VirtualHost", "routingTable"]
 
@@ -334,6 +334,7 @@ class _Routing:
 
     def _proxy(self, location: LocationSettings, prefix: bytes | None) -> IExchange:
         exchange = Exchange(self.loop, self.request, location)
+        exchange.uri, exchange.args = self.uri, self.args
         if location.proxyURI is not None and self.request.path != b"*":
             exchange.target = _replaceURI(self.uri, self.args, prefix or b"", location.proxyURI, self.request.path)
         exchange.statusOverride = self.status
@@ -471,25 +472,7 @@ class _Routing:
         )
 
     def _context(self, location: LocationSettings) -> RequestContext:
-        leg = self.loop.leg
-        peer = leg.transport.getPeer()
-        local = leg.transport.getHost()
-        context = RequestContext(
-            self.request,
-            leg.clientAddress,
-            getattr(peer, "port", 0),
-            getattr(local, "port", 0),
-            location.scheme,
-            self.vhost.name,
-            self.uri,
-            self.args,
-            forwardedFor(self.request, leg.clientAddress, location),
-            self.captures,
-            underscores=location.block.underscores_in_headers,
-        )
-        if location.maps:
-            context.extra = MapValues(context, location.maps)
-        return context
+        return contextFor(self.request, self.loop.leg, location, self.uri, self.args, self.captures)
 
 
 def _implicitNames(vhosts: list[VirtualHost]) -> list[tuple[tuple[str, ...], VirtualHost]]:

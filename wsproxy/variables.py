@@ -52,6 +52,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from .http import RequestHead
 
@@ -64,6 +65,7 @@ __all__ = [
     "VariableError",
     "VariableMap",
     "compileTemplate",
+    "contextFor",
     "headerValueOK",
 ]
 
@@ -540,3 +542,47 @@ class MapValues:
         values[name] = b""
         values[name] = value = variableMap.value(self.ctx)
         return value
+
+
+def contextFor(
+    request: RequestHead,
+    leg: Any,
+    settings: Any,
+    uri: bytes | None = None,
+    args: bytes | None = None,
+    captures: tuple[bytes | None, ...] = (),
+) -> RequestContext:
+    """
+    The variables of C{request}, received on the client C{leg} and answered
+    under C{settings} (a location's, or a listener's): the one place a
+    L{RequestContext} is made for the request path.  C{uri} and C{args}
+    are the router's when it has them; else they are worked out here.
+    """
+    from .http import HTTPError, forwardedFor
+    from .matching import normalizePath, splitTarget
+
+    if uri is None or args is None:
+        path, args = splitTarget(request.path)
+        try:
+            uri = normalizePath(path)
+        except HTTPError:
+            uri = path
+    transport = leg.transport
+    block = settings.block
+    context = RequestContext(
+        request,
+        leg.clientAddress,
+        getattr(transport.getPeer(), "port", 0),
+        getattr(transport.getHost(), "port", 0),
+        settings.scheme,
+        block.server_name.encode("ascii"),
+        uri,
+        args,
+        forwardedFor(request, leg.clientAddress, settings),
+        captures,
+        underscores=block.underscores_in_headers,
+    )
+    maps = getattr(settings, "maps", None)
+    if maps:
+        context.extra = MapValues(context, maps)
+    return context
