@@ -18,8 +18,9 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import deferLater
 
 from wsproxy import parseConfig
@@ -379,3 +380,34 @@ __all__ = [
     "unsent",
     "until",
 ]
+
+
+class ServerCertificate:
+    """
+    A listener's certificate for C{localhost} and C{127.0.0.1}, issued by a
+    throwaway CA and written to C{directory}: the C{[[server]]} keys that
+    load it (L{block}), and client endpoints that trust it.
+    """
+
+    def __init__(self, directory: Path, *names: str) -> None:
+        import trustme
+
+        authority = trustme.CA()
+        leaf = authority.issue_cert(*(names or ("localhost", "127.0.0.1")))
+        certificate, key = directory / "server.pem", directory / "server.key"
+        certificate.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        self.caPEM = authority.cert_pem.bytes()
+        self.block = {"ssl_certificate": str(certificate), "ssl_certificate_key": str(key)}
+
+    def wrap(self, endpoint: Any, hostname: str = "localhost") -> Any:
+        """C{endpoint} behind TLS that verifies this certificate for C{hostname}."""
+        return wrapClientTLS(optionsForClientTLS(hostname, trustRoot=Certificate.loadPEM(self.caPEM)), endpoint)
+
+
+async def connectTo(port: int, certificate: ServerCertificate | None = None, protocol: Any = None) -> Any:
+    """A client on C{port} of loopback: over TLS when a C{certificate} says so, else plain TCP."""
+    endpoint: Any = TCP4ClientEndpoint(reactor, LOOPBACK, port)
+    if certificate is not None:
+        endpoint = certificate.wrap(endpoint)
+    return await connectProtocol(endpoint, protocol or RawClient())

@@ -17,7 +17,9 @@ import pytest_twisted
 from support import (
     LOOPBACK,
     ScriptedUpstream,
+    ServerCertificate,
     connectRaw,
+    connectTo,
     exchange,
     gather,
     ok,
@@ -88,8 +90,8 @@ async def keepAliveRequests(port: int, targets: list[bytes]) -> list[bytes]:
     return bodies
 
 
-async def openTunnels(port: int, paths: list[bytes]) -> list[Any]:
-    clients = [await connectRaw(port) for _ in paths]
+async def openTunnels(port: int, paths: list[bytes], certificate: ServerCertificate | None = None) -> list[Any]:
+    clients = [await connectTo(port, certificate) for _ in paths]
     for client, path in zip(clients, paths, strict=True):
         client.transport.write(upgradeRequest(path))
     await gather(*(client.waitFor(b"\r\n\r\n") for client in clients))
@@ -231,8 +233,9 @@ async def test_max_conns_backup_and_down_over_real_sockets(cleanup):
 GET = b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
 
 
+@pytest.mark.parametrize("kind", ["plain", "tls"])
 @pytest_twisted.ensureDeferred
-async def test_counts_return_to_zero_however_an_exchange_or_a_tunnel_ends(cleanup):
+async def test_counts_return_to_zero_however_an_exchange_or_a_tunnel_ends(cleanup, kind, tmp_path):
     behaviour = {"mode": "ok"}
 
     def answer(request: bytes, connection: Any) -> bytes | None:
@@ -252,8 +255,18 @@ async def test_counts_return_to_zero_however_an_exchange_or_a_tunnel_ends(cleanu
     factory = ScriptedUpstream(answer, closeAfter=False)
     port = cleanup.port(reactor.listenTCP(0, factory, interface=LOOPBACK))
     servers = [f"{LOOPBACK}:{port.getHost().port}"]
-    proxy = cleanup.service(await startProxy({"app": {"servers": servers}}, {"proxy_pass": "http://app"}))
+    certificate = ServerCertificate(tmp_path) if kind == "tls" else None
+    block = {"proxy_pass": "http://app", **(certificate.block if certificate is not None else {})}
+    proxy = cleanup.service(await startProxy({"app": {"servers": servers}}, block))
     listener = proxy.ports[0]
+
+    async def exchange(port: int, data: bytes) -> bytes:
+        """Send C{data}; everything the proxy sent before it closed."""
+        client = await connectTo(port, certificate)
+        client.transport.write(data)
+        received = await client.waitClosed()
+        assert received is not None, "the proxy did not close"
+        return received
 
     assert (await exchange(listener, GET)).endswith(b"fine")
     assert await until(lambda: idle(proxy)), "a normal end"
@@ -265,14 +278,14 @@ async def test_counts_return_to_zero_however_an_exchange_or_a_tunnel_ends(cleanu
     assert truncated.endswith(b"abc")
     assert await until(lambda: idle(proxy)), "an upstream abort mid-response"
     behaviour["mode"] = "silent"
-    client = await connectRaw(listener)
+    client = await connectTo(listener, certificate)
     client.transport.write(GET)
     assert await until(lambda: load(proxy) == [(1, 0)]), "held while the request is open"
     client.transport.abortConnection()
     assert await until(lambda: idle(proxy)), "a client abort"
 
     for closer in ("client", "upstream"):
-        (tunnel,) = await openTunnels(listener, [b"/ws"])
+        (tunnel,) = await openTunnels(listener, [b"/ws"], certificate)
         assert load(proxy) == [(0, 1)]
         if closer == "client":
             tunnel.transport.loseConnection()

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-import trustme
 from support import (
     LOOPBACK,
     RawClient,
     ScriptedConnection,
     ScriptedUpstream,
-    connectRaw,
+    ServerCertificate,
+    connectTo,
     listenScripted,
     ok,
     startProxy,
@@ -34,8 +34,6 @@ from support import (
 )
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol, wrapClientTLS
-from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import LoopingCall
 
 GET = b"GET /page HTTP/1.1\r\nHost: h\r\n\r\n"
@@ -144,15 +142,8 @@ class Listener:
         self.services: list[Any] = []
         self.clients: list[RawClient] = []
         self.upstreams: list[ScriptedUpstream] = []
-        self.block: dict[str, Any] = {}
-        if kind == "tls":
-            ca = trustme.CA()
-            leaf = ca.issue_cert("localhost", "127.0.0.1")
-            certificate, key = directory / "server.pem", directory / "server.key"
-            certificate.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-            key.write_bytes(leaf.private_key_pem.bytes())
-            self.caPEM = ca.cert_pem.bytes()
-            self.block = {"ssl_certificate": str(certificate), "ssl_certificate_key": str(key)}
+        self.certificate = ServerCertificate(directory) if kind == "tls" else None
+        self.block: dict[str, Any] = self.certificate.block if self.certificate is not None else {}
 
     @property
     def tls(self) -> bool:
@@ -192,13 +183,7 @@ class Listener:
 
     async def connect(self, service: Any) -> RawClient:
         """A raw client connection to the first listener of C{service} (over TLS for a TLS listener)."""
-        port = service.ports[0]
-        if self.tls:
-            options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(self.caPEM))
-            endpoint = wrapClientTLS(options, TCP4ClientEndpoint(reactor, LOOPBACK, port))
-            client = await connectProtocol(endpoint, RawClient())
-        else:
-            client = await connectRaw(port)
+        client = await connectTo(service.ports[0], self.certificate)
         self.clients.append(client)
         return client
 

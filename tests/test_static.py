@@ -29,14 +29,12 @@ from urllib.parse import unquote_to_bytes
 
 import pytest
 import pytest_twisted
-import trustme
 from nginxprocess import NginxProcess, httpConfiguration
-from support import LOOPBACK, RawClient, sleep, stillAfter, until
+from support import LOOPBACK, RawClient, ServerCertificate, connectTo, sleep, stillAfter, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.task import LoopingCall
 from twisted.logger import globalLogPublisher
 from zope.interface import implementer
@@ -208,15 +206,8 @@ class Site:
         self.root = directory / "www"
         self.root.mkdir()
         self.clients: list[Any] = []
-        self.block: dict[str, Any] = {}
-        if kind == "tls":
-            ca = trustme.CA()
-            leaf = ca.issue_cert("localhost", "127.0.0.1")
-            certificate, key = directory / "server.pem", directory / "server.key"
-            certificate.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
-            key.write_bytes(leaf.private_key_pem.bytes())
-            self.caPEM = ca.cert_pem.bytes()
-            self.block = {"ssl_certificate": str(certificate), "ssl_certificate_key": str(key)}
+        self.certificate = ServerCertificate(directory) if kind == "tls" else None
+        self.block: dict[str, Any] = self.certificate.block if self.certificate is not None else {}
 
     def file(self, name: str, content: bytes = b"hello\n") -> Path:
         path = self.root / name
@@ -237,11 +228,7 @@ class Site:
         return factory
 
     async def connect(self, listener: FileListener, protocol: Protocol | None = None) -> Any:
-        endpoint: Any = TCP4ClientEndpoint(reactor, LOOPBACK, listener.port)
-        if self.kind == "tls":
-            options = optionsForClientTLS("localhost", trustRoot=Certificate.loadPEM(self.caPEM))
-            endpoint = wrapClientTLS(options, endpoint)
-        client = await connectProtocol(endpoint, protocol or RawClient())
+        client = await connectTo(listener.port, self.certificate, protocol)
         self.clients.append(client)
         return client
 
