@@ -21,8 +21,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from wsproxy import parseConfig
 from wsproxy.config import ConfigError
-from wsproxy.redirect import RedirectFactory, RedirectSettings
-from wsproxy.server import PIPELINE_BUFFER
+from wsproxy.router import AddressSettings
+from wsproxy.server import PIPELINE_BUFFER, ProxyFactory
 
 TOKEN = "LoqXcYV8q5ONbJQxbmR7SCTNo3tiAXDfowyjxAjEuX0"
 UPSTREAMS = {"app": {"servers": ["127.0.0.1:9"]}}
@@ -411,7 +411,8 @@ def test_one_answer_at_a_time_while_the_client_does_not_read():
     full, and reading stops once the unanswered requests pass the bound.
     """
     config = parseConfig({"server": [{"listen": "tcp:0", "return": "308 https://$host$request_uri"}]}, "(test)")
-    factory = RedirectFactory(RedirectSettings(config.servers[0]), MemoryReactorClock())
+    (address,) = config.addresses
+    factory = ProxyFactory(AddressSettings(config, address, {}, MemoryReactorClock(), secure=False))
     leg = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
     transport = StringTransport()
     leg.makeConnection(transport)

@@ -24,9 +24,9 @@ from .acme import readChallenge
 from .config import AccessLog, ServerBlock
 from .http import CRLF, HEAD_END, HTTPError, RequestHead, errorResponse
 from .interfaces import IExchange, IRequestLoop
-from .server import ConnectionSettings, ListenerFactory
+from .server import ConnectionSettings
 
-__all__ = ["ACME_PREFIX", "RedirectAnswer", "RedirectFactory", "RedirectSettings"]
+__all__ = ["ACME_PREFIX", "RedirectAnswer", "RedirectSettings"]
 
 log = Logger()
 
@@ -214,17 +214,3 @@ def _redirectHost(header: bytes) -> str:
     if match is None or len(match.group("name")) > _MAX_HOSTNAME:
         raise HTTPError(400, "invalid Host for a redirect")
     return match.group("name").decode("ascii")
-
-
-class RedirectFactory(ListenerFactory):
-    """A redirect listener: each request is answered by a L{RedirectAnswer}."""
-
-    def __init__(self, settings: RedirectSettings, reactor: Any = None) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as globalReactor
-
-            reactor = globalReactor
-        super().__init__(settings, reactor)
-
-    def startExchange(self, loop: IRequestLoop, request: RequestHead) -> RedirectAnswer:
-        return RedirectAnswer(loop, request, self.settings)
