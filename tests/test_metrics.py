@@ -37,7 +37,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-from wsproxy import parseConfig
+from wsproxy import metricsweb, parseConfig
 from wsproxy.config import ConfigError
 from wsproxy.listeners import ProxyService, StartupError
 from wsproxy.metrics import NO_METRICS
@@ -666,3 +666,16 @@ class _Nobody(Factory):
 
     noisy = False
     protocol = Protocol
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_connection_to_the_metrics_listener_is_dropped(cleanup, monkeypatch):
+    monkeypatch.setattr(metricsweb, "IDLE_TIMEOUT", 0.3)
+    document = {
+        "upstream": {"app": {"servers": [f"{LOOPBACK}:9"]}},
+        "server": [{"listen": LISTEN, "proxy_pass": "http://app", "access_log": False}],
+        "metrics": {"listen": LISTEN},
+    }
+    site = await startSite(cleanup, document)
+    silent = await connectRaw(site.metricsPort)
+    assert await silent.waitClosed(timeout=10) == b"", "a connection that sends nothing is closed"

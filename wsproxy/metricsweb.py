@@ -65,8 +65,16 @@ class _Probe(Resource):
         return self.down
 
 
+#: How long a metrics connection may stay silent (twisted.web's default is 12 hours).
+IDLE_TIMEOUT = 60.0
+
+
 class _QuietSite(Site):
-    """A L{Site} that writes no access log: scrapes and probes come every few seconds."""
+    """
+    A L{Site} that writes no access log (scrapes and probes come every few
+    seconds) and drops a connection idle for L{IDLE_TIMEOUT} seconds, so
+    that a client that opens connections and sends nothing cannot hold them.
+    """
 
     noisy = False
 
@@ -94,7 +102,7 @@ class MetricsService(StreamServerEndpointService):
         root.putChild(b"metrics", MetricsPage(registry))
         root.putChild(b"healthz", _Probe(lambda: True, b"ok\n", b""))
         root.putChild(b"readyz", _Probe(ready, b"ready\n", b"not ready\n"))
-        super().__init__(endpoint, _QuietSite(root))
+        super().__init__(endpoint, _QuietSite(root, timeout=IDLE_TIMEOUT))
         self.listen = listen
         self.where = where
         self._raiseSynchronously = True
