@@ -183,6 +183,53 @@ def test_a_deadline_fires_once_unless_replaced():
     assert fired == ["second"]
 
 
+def test_a_later_deadline_reuses_the_scheduled_call():
+    """A keep-alive connection's per-request waits schedule nothing new."""
+    leg, clock = connected()
+    fired: list[str] = []
+    leg.setDeadline(5, lambda: fired.append("idle"))
+    scheduled = clock.getDelayedCalls()
+    for _ in range(3):
+        leg.cancelTimer()
+        clock.advance(1)
+        leg.expectData(10, lambda: fired.append("stalled"))
+        leg.cancelTimer()
+        leg.setDeadline(5, lambda: fired.append("idle"))
+    assert clock.getDelayedCalls() == scheduled
+    clock.advance(4.5)
+    assert fired == []
+    clock.advance(0.5)
+    assert fired == ["idle"]
+    assert not clock.getDelayedCalls()
+
+
+def test_an_earlier_deadline_is_not_late():
+    leg, clock = connected()
+    fired: list[str] = []
+    leg.setDeadline(60, lambda: fired.append("late"))
+    leg.setDeadline(2, lambda: fired.append("soon"))
+    clock.advance(2)
+    assert fired == ["soon"]
+    clock.advance(60)
+    assert fired == ["soon"] and not clock.getDelayedCalls()
+
+
+def test_a_cancelled_deadline_does_nothing_when_its_call_comes():
+    leg, clock = connected()
+    fired: list[bool] = []
+    leg.setDeadline(5, lambda: fired.append(True))
+    leg.cancelTimer()
+    clock.advance(5)
+    assert fired == [] and not clock.getDelayedCalls()
+
+
+def test_drop_timer_unschedules_the_call():
+    leg, clock = connected()
+    leg.setDeadline(5, lambda: None)
+    leg.dropTimer()
+    assert not clock.getDelayedCalls()
+
+
 def test_expect_data_measures_the_time_between_reads():
     leg, clock = connected()
     stalled: list[bool] = []

@@ -42,6 +42,10 @@ log = Logger()
 #: configured: a peer that never reads must not keep a closing socket open.
 CLOSE_BOUND = 60.0
 
+#: A deadline this close is due: the reactor's clock and float sums need
+#: not agree to the last bit.
+_SLACK = 0.001
+
 
 def setNoDelay(transport: Any) -> None:
     """
@@ -108,7 +112,11 @@ class Leg(Protocol):
     closing = False
     sendTimedOut = False
     _moved = False
-    _readTimer: Any = None
+    _timer: Any = None
+    _due: float | None = None
+    _onDue: Callable[[], object] | None = None
+    _period = 0.0
+    _alsoWatching: Leg | None = None
     _sendWatch: Any = None
     _lastPending = 0
     _registered = False
@@ -190,14 +198,20 @@ class Leg(Protocol):
         self.sendTimedOut = True
         self.abort()
 
-    # Waiting for the peer to send: one timer per leg, for whatever the
-    # layer above waits on now.
+    # Waiting for the peer to send: one deadline per leg, for whatever the
+    # layer above waits on now.  A keep-alive connection moves its deadline
+    # several times per request (the idle wait, the response head, the
+    # body, the idle wait again), almost always later and almost never to
+    # the point of firing; so the deadline is a number, and the reactor
+    # call behind it is scheduled once and left where it is.  When it
+    # fires before the deadline it schedules itself again for the rest;
+    # only a deadline earlier than the scheduled call reschedules it.
 
     def setDeadline(self, seconds: float, action: Callable[[], object]) -> None:
         """Call C{action} in C{seconds} (0: never) unless another wait replaces this one."""
-        self.cancelTimer()
-        if seconds:
-            self._readTimer = self.clock.callLater(seconds, self._deadlinePassed, action)
+        self._period = 0.0
+        self._alsoWatching = None
+        self._arm(seconds, action)
 
     def expectData(self, seconds: float, onStall: Callable[[], object], alsoWatching: Leg | None = None) -> None:
         """
@@ -207,36 +221,71 @@ class Leg(Protocol):
         flow control is not stalled.
 
         The check is coarse on purpose: a read only sets a flag, and the
-        timer looks at it every C{seconds}, so a stall is noticed between
+        deadline looks at it every C{seconds}, so a stall is noticed between
         one and two periods after the last byte, and the data path does no
         timer work per read.
         """
-        self.cancelTimer()
         self._moved = False
         if alsoWatching is not None:
             alsoWatching._moved = False
-        if seconds:
-            self._readTimer = self.clock.callLater(seconds, self._checkReading, seconds, onStall, alsoWatching)
+        self._period = seconds
+        self._alsoWatching = alsoWatching
+        self._arm(seconds, onStall)
 
     def cancelTimer(self) -> None:
-        """Stop waiting."""
-        timer = self._readTimer
+        """
+        Stop waiting.  The reactor call stays scheduled, with nothing to do,
+        so that the next wait (the next request's) can reuse it; a leg that
+        will not wait again soon uses L{dropTimer}.
+        """
+        self._due = None
+        self._onDue = None
+        self._alsoWatching = None
+
+    def dropTimer(self) -> None:
+        """Stop waiting, and unschedule the reactor call too."""
+        self.cancelTimer()
+        timer = self._timer
         if timer is not None:
-            self._readTimer = None
+            self._timer = None
             timer.cancel()
 
-    def _deadlinePassed(self, action: Callable[[], object]) -> None:
-        self._readTimer = None
-        action()
-
-    def _checkReading(self, seconds: float, onStall: Callable[[], object], alsoWatching: Leg | None) -> None:
-        self._readTimer = None
-        moved = self._moved or (alsoWatching is not None and alsoWatching._moved)
-        paused = self.gate.held or (alsoWatching is not None and alsoWatching.gate.held)
-        if moved or paused:
-            self.expectData(seconds, onStall, alsoWatching)
+    def _arm(self, seconds: float, action: Callable[[], object]) -> None:
+        if not seconds:
+            self.cancelTimer()
             return
-        onStall()
+        clock = self.clock
+        due = clock.seconds() + seconds
+        self._due = due
+        self._onDue = action
+        timer = self._timer
+        if timer is None:
+            self._timer = clock.callLater(seconds, self._timerFired)
+        elif timer.getTime() > due + _SLACK:
+            timer.cancel()
+            self._timer = clock.callLater(seconds, self._timerFired)
+
+    def _timerFired(self) -> None:
+        self._timer = None
+        due = self._due
+        if due is None:
+            return
+        clock = self.clock
+        early = due - clock.seconds()
+        if early > _SLACK:
+            self._timer = clock.callLater(early, self._timerFired)
+            return
+        action = self._onDue
+        assert action is not None
+        if self._period:
+            other = self._alsoWatching
+            moved = self._moved or (other is not None and other._moved)
+            paused = self.gate.held or (other is not None and other.gate.held)
+            if moved or paused:
+                self.expectData(self._period, action, other)
+                return
+        self.cancelTimer()
+        action()
 
     # Ending
 
@@ -264,7 +313,7 @@ class Leg(Protocol):
     def _release(self) -> None:
         """Let go of the peer, the timers and the producer registration."""
         self.closing = True
-        self.cancelTimer()
+        self.dropTimer()
         self._stopWatchingSending()
         self.feedFrom(None)
         if self._registered:

@@ -571,7 +571,7 @@ class Exchange:
         self._emit(self._responseHeadBytes(head, switched))
         self._flush()
         upstream = self.upstream
-        upstream.cancelTimer()
+        upstream.dropTimer()
         upstream.sendTimeout = self.settings.block.send_timeout
         logFields = self._logFields()
         if self.settings.block.access_log.__class__ is AccessLog:

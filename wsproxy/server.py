@@ -284,7 +284,7 @@ class RequestLoop:
         """
         self.exchange = None
         leg = self.leg
-        leg.cancelTimer()
+        leg.dropTimer()
         settings = settings or self.settings
         request = self.cycle.request
         websocket = request is not None and request.upgrade == b"websocket" and settings.block.websocket_frame_tracking
