@@ -180,11 +180,13 @@ class Proxy:
         host, port, factory, timeout, bindAddress = self.reactor.tcpClients[self._accepted]
         assert (host, port) == ("127.0.0.1", 9001)
         self._accepted += 1
-        wrapper = factory.buildProtocol(None)
+        standIn = factory.buildProtocol(None)
         transport = FakeTransport(self.reactor)
-        transport.protocol = wrapper
-        wrapper.makeConnection(transport)
-        return Peer(wrapper._wrappedProtocol, transport, wrapper)
+        transport.protocol = standIn
+        standIn.makeConnection(transport)
+        leg = transport.protocol
+        assert isinstance(leg, Leg), "the leg has the transport to itself"
+        return Peer(leg, transport, leg)
 
     def refuseUpstream(self) -> None:
         """The upstream server refuses the oldest connection not accepted yet."""

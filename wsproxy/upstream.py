@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from random import Random
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
-from twisted.internet.error import ConnectError
+from twisted.internet.error import ConnectError, ConnectingCancelledError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .config import Upstream, UpstreamAddress
@@ -231,6 +232,7 @@ class UpstreamServer:
         "current",
         "loggedState",
         "_endpointFor",
+        "_connectTo",
         "_failures",
         "downUntil",
         "idle",
@@ -244,6 +246,7 @@ class UpstreamServer:
         maxFails: int = 1,
         failTimeout: float = 10.0,
         origin: UpstreamAddress | None = None,
+        connectTo: Callable[[IProtocol, float], Deferred] | None = None,
     ) -> None:
         self.address = address
         #: The C{resolve} server this one was resolved from, or C{None}.
@@ -259,6 +262,7 @@ class UpstreamServer:
         #: The smooth weighted round-robin's running weight.
         self.current = 0
         self._endpointFor = endpointFor
+        self._connectTo = connectTo
         self._failures: deque[float] = deque()
         self.downUntil = 0.0
         #: Idle keep-alive connections to this server, the most recent last.
@@ -268,6 +272,16 @@ class UpstreamServer:
     def endpoint(self, timeout: float) -> Any:
         """A client endpoint to this server, with the given connect timeout."""
         return self._endpointFor(timeout)
+
+    def connect(self, protocol: IProtocol, timeout: float) -> Deferred:
+        """
+        Connect C{protocol} to this server.
+
+        @return: a L{Deferred} firing with C{protocol} once it is connected.
+        """
+        if self._connectTo is not None:
+            return self._connectTo(protocol, timeout)
+        return self._endpointFor(timeout).connect(_OneConnection(protocol))
 
     @property
     def acceptsNew(self) -> bool:
@@ -392,10 +406,7 @@ class UpstreamPool:
         self._reactor = reactor
         self._tlsOptionsFor = tlsOptionsFor
         self._random = random or Random()
-        self.servers = [
-            UpstreamServer(a, self._endpointFactory(a), upstream.max_fails, upstream.fail_timeout)
-            for a in upstream.servers
-        ]
+        self.servers = [self._server(a, upstream.max_fails, upstream.fail_timeout) for a in upstream.servers]
         self._next = 0
         self.retired = False
         self._buildTiers()
@@ -406,6 +417,20 @@ class UpstreamPool:
         backups = [s for s in self.servers if s.address.backup]
         hashing = self.upstream.balance in ("ip_hash", "hash")
         self._tiers = [(tier, _Ring(tier) if hashing else None) for tier in (primaries, backups) if tier]
+
+    def _server(
+        self, address: UpstreamAddress, maxFails: int, failTimeout: float, origin: UpstreamAddress | None = None
+    ) -> UpstreamServer:
+        connectTo = None
+        if address.isLiteralIP and not address.tls:
+            reactor = self._reactor
+
+            def connectTo(protocol: IProtocol, timeout: float) -> Deferred:
+                return _DirectConnection(reactor, address.host, address.port, protocol, timeout).deferred
+
+        return UpstreamServer(
+            address, self._endpointFactory(address, origin), maxFails, failTimeout, origin=origin, connectTo=connectTo
+        )
 
     def _endpointFactory(
         self, address: UpstreamAddress, tlsAddress: UpstreamAddress | None = None
@@ -677,7 +702,7 @@ class UpstreamPool:
         server as it is tried; a server that reached its C{max_conns}
         meanwhile is passed over.
         """
-        return ensureDeferred(self._connect(order, protocolFactory, timeout, lease))
+        return _Attempt(self, order, protocolFactory, timeout, lease).deferred
 
     def release(self, server: UpstreamServer, leg: Any) -> bool:
         """
@@ -748,13 +773,7 @@ class UpstreamPool:
             server = kept.get(host)
             if server is None:
                 address = dataclasses.replace(template, host=host, resolve=False)
-                server = UpstreamServer(
-                    address,
-                    self._endpointFactory(address, template),
-                    self.upstream.max_fails,
-                    self.upstream.fail_timeout,
-                    origin=template,
-                )
+                server = self._server(address, self.upstream.max_fails, self.upstream.fail_timeout, template)
                 log.info(
                     "upstream {pool} server {server} joined: {name} resolves to it",
                     pool=self.name,
@@ -786,15 +805,55 @@ class UpstreamPool:
             while server.idle:
                 server.idle.pop().close()
 
-    async def _connect(
+
+class _Attempt:
+    """
+    One request's way through the servers L{UpstreamPool.pickOrder} chose:
+    each is tried in turn, once, until one accepts a connection (nginx's
+    C{proxy_next_upstream error timeout}).  Each failure counts towards
+    the server's passive health.
+    """
+
+    __slots__ = (
+        "pool",
+        "deferred",
+        "_order",
+        "_next",
+        "_protocolFactory",
+        "_timeout",
+        "_lease",
+        "_failures",
+        "_began",
+        "_server",
+        "_connecting",
+    )
+
+    def __init__(
         self,
+        pool: UpstreamPool,
         order: list[UpstreamServer],
         protocolFactory: Callable[[], IProtocol],
         timeout: float,
         lease: Lease | None,
-    ) -> tuple:
-        failures = []
-        for server in order:
+    ) -> None:
+        self.pool = pool
+        self.deferred = Deferred(self._cancel)
+        self._order = order
+        self._next = 0
+        self._protocolFactory = protocolFactory
+        self._timeout = timeout
+        self._lease = lease
+        self._failures: list[tuple[UpstreamAddress, str]] = []
+        self._began = 0.0
+        self._server: UpstreamServer | None = None
+        self._connecting: Deferred | None = None
+        self._tryNext()
+
+    def _tryNext(self) -> None:
+        order, lease, failures = self._order, self._lease, self._failures
+        while self._next < len(order):
+            server = order[self._next]
+            self._next += 1
             if not server.acceptsNew:
                 failures.append((server.address, "retiring" if server.retiring else "down by health check"))
                 continue
@@ -803,26 +862,96 @@ class UpstreamPool:
                     failures.append((server.address, "max_conns reached"))
                     continue
                 lease.hold(server)
-            began = self._reactor.seconds()
-            try:
-                protocol = await server.endpoint(timeout).connect(_OneConnection(protocolFactory()))
-            except CancelledError:
-                raise
-            except (ConnectError, ConnectTimeout, OSError) as e:
-                self.metrics.connectFailed(e)
-                why = "timed out" if isinstance(e, ConnectTimeout) else _describe(e)
-                failures.append((server.address, why))
-                if server.failed(self._reactor.seconds()):
-                    self.noteState(server, f"{why}; marked down for {server.failTimeout:g}s")
-                continue
-            self.metrics.connected(began)
-            if server.downUntil:
-                server.succeeded()
-                self.noteState(server, "connected")
-            else:
-                server.succeeded()
-            return server, protocol, False
-        raise NoUpstreamAvailable(self.name, failures)
+            self._server = server
+            self._began = self.pool._reactor.seconds()
+            connecting = self._connecting = server.connect(self._protocolFactory(), self._timeout)
+            connecting.addCallbacks(self._connected, self._failed)
+            return
+        self.deferred.errback(NoUpstreamAvailable(self.pool.name, failures))
+
+    def _connected(self, protocol: IProtocol) -> None:
+        self._connecting = None
+        pool, server = self.pool, self._server
+        assert server is not None
+        pool.metrics.connected(self._began)
+        wasDown = server.downUntil
+        server.succeeded()
+        if wasDown:
+            pool.noteState(server, "connected")
+        self.deferred.callback((server, protocol, False))
+
+    def _failed(self, failure: Failure) -> None:
+        self._connecting = None
+        if failure.check(CancelledError, ConnectingCancelledError):
+            return
+        error = failure.value
+        if not isinstance(error, (ConnectError, OSError)):
+            self.deferred.errback(failure)
+            return
+        pool, server = self.pool, self._server
+        assert server is not None
+        pool.metrics.connectFailed(error)
+        why = "timed out" if isinstance(error, ConnectTimeout) else _describe(error)
+        self._failures.append((server.address, why))
+        if server.failed(pool._reactor.seconds()):
+            pool.noteState(server, f"{why}; marked down for {server.failTimeout:g}s")
+        self._tryNext()
+
+    def _cancel(self, deferred: Deferred) -> None:
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()
+
+
+class _DirectConnection(ClientFactory):
+    """
+    A new plain TCP connection to a literal address, made the way
+    C{TCP4ClientEndpoint} makes it, minus what a proxy pays for on every
+    read: the endpoint leaves a wrapping protocol between the transport
+    and the protocol for the connection's whole life.  Here a stand-in
+    takes the connection and hands the transport to the protocol itself.
+    """
+
+    noisy = False
+
+    def __init__(self, reactor: IReactorTCP, host: str, port: int, protocol: IProtocol, timeout: float) -> None:
+        self.deferred = Deferred(self._cancel)
+        self._protocol = protocol
+        self._connector = reactor.connectTCP(host, port, self, timeout or 30)
+
+    def buildProtocol(self, addr: Any) -> IProtocol:
+        return _Handoff(self._protocol, self.deferred)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.deferred.called:
+            self.deferred.errback(reason)
+
+    def _cancel(self, deferred: Deferred) -> None:
+        connector = self._connector
+        deferred.errback(ConnectingCancelledError(connector.getDestination()))
+        connector.stopConnecting()
+
+
+class _Handoff(Protocol):
+    """
+    Takes a new TCP connection for its real protocol: the transport is
+    pointed at the protocol before the protocol is told it is connected,
+    so that no read ever goes through this object.
+    """
+
+    def __init__(self, protocol: IProtocol, connected: Deferred) -> None:
+        self._protocol = protocol
+        self._connected = connected
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self._protocol, "logPrefix", None)
+        return prefix() if prefix is not None else type(self._protocol).__name__
+
+    def makeConnection(self, transport: Any) -> None:
+        protocol = self._protocol
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        self._connected.callback(protocol)
 
 
 @implementer(ILegOwner)
