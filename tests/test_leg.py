@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from wsproxy.leg import CLOSE_BOUND, Leg, Unowned
+from wsproxy.leg import BULK_READ_SIZE, CLOSE_BOUND, Leg, Unowned
 
 
 class TLSLikeTransport(StringTransport):
@@ -298,3 +298,24 @@ def test_a_closing_leg_reads_again_and_drops_what_comes():
     assert not leg.gate.held and leg.transport.producerState == "producing"
     leg.dataReceived(b"late")
     assert leg.owner.data == []
+
+
+class TCPLikeTransport(TLSLikeTransport):
+    """Reads up to C{bufferSize} bytes at a time, as Twisted's TCP transports do."""
+
+    bufferSize = 64 * 1024
+
+
+def test_a_leg_that_fills_its_reads_reads_more_at_a_time():
+    leg, _ = connected(TCPLikeTransport())
+    leg.dataReceived(b"x" * 1000)
+    assert leg.transport.bufferSize == 64 * 1024, "small messages keep small reads"
+    leg.dataReceived(b"x" * (64 * 1024))
+    assert leg.transport.bufferSize == BULK_READ_SIZE
+    assert leg.owner.data == [b"x" * 1000, b"x" * (64 * 1024)], "nothing is held back"
+
+
+def test_bulk_reads_leave_other_transports_alone():
+    leg, _ = connected()
+    leg.dataReceived(b"x" * (64 * 1024))
+    assert not hasattr(leg.transport, "bufferSize")

@@ -42,6 +42,12 @@ log = Logger()
 #: configured: a peer that never reads must not keep a closing socket open.
 CLOSE_BOUND = 60.0
 
+#: What Twisted's TCP transports read at a time.
+_READ_SIZE = 64 * 1024
+
+#: What a leg that carries bulk data reads at a time.
+BULK_READ_SIZE = 256 * 1024
+
 #: A deadline this close is due: the reactor's clock and float sums need
 #: not agree to the last bit.
 _SLACK = 0.001
@@ -134,8 +140,22 @@ class Leg(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._moved = True
+        if len(data) >= _READ_SIZE:
+            self._readInBulk()
         if not self.closing:
             self.owner.dataReceived(data)
+
+    def _readInBulk(self) -> None:
+        """
+        A read filled Twisted's 64 KiB buffer: this connection carries bulk
+        data, and bigger reads move it with fewer passes through the reactor
+        and the owner (a 1 MiB message in 4 reads rather than 16).  Only
+        such a connection reads more at a time; one moving small messages
+        keeps small reads.
+        """
+        transport = self.transport
+        if getattr(transport, "bufferSize", None) == _READ_SIZE:
+            transport.bufferSize = BULK_READ_SIZE
 
     # Flow control: the transport pauses and resumes its producer (this
     # leg) as its write buffer fills and drains.
