@@ -40,30 +40,38 @@ class ReadGate:
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
-        self._holds: set[str] = set()
+        #: The reasons holding the gate, or C{None} while none does: a gate
+        #: is open nearly all the time, and a tunnel keeps two for as long as
+        #: it lives, so an open gate costs no set.
+        self._holds: set[str] | None = None
 
     @property
     def held(self) -> bool:
         """Whether reading is paused for any reason."""
-        return bool(self._holds)
+        return self._holds is not None
 
     def hold(self, reason: str) -> None:
         """Stop reading until C{reason} is released."""
-        if not self._holds:
+        holds = self._holds
+        if holds is None:
             self._transport.pauseProducing()
-        self._holds.add(reason)
+            self._holds = {reason}
+        else:
+            holds.add(reason)
 
     def release(self, reason: str) -> None:
         """Resume reading if C{reason} was the last one holding the gate."""
-        if reason in self._holds:
-            self._holds.discard(reason)
-            if not self._holds:
+        holds = self._holds
+        if holds is not None and reason in holds:
+            holds.discard(reason)
+            if not holds:
+                self._holds = None
                 self._transport.resumeProducing()
 
     def open(self) -> None:
         """Resume reading, whatever held the gate."""
-        if self._holds:
-            self._holds.clear()
+        if self._holds is not None:
+            self._holds = None
             self._transport.resumeProducing()
 
     def pauseProducing(self) -> None:

@@ -21,7 +21,6 @@ nothing of the HTTP layer stays on the data path.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -72,9 +71,17 @@ class _TrackedEnd(_TunnelEnd):
 
     __slots__ = ("feed",)
 
-    def __init__(self, tunnel: Tunnel, side: str, towards: Leg, frames: FrameTracker) -> None:
+    def __init__(self, tunnel: Tunnel, side: str, towards: Leg, masked: bool) -> None:
+        # The tracker reports a Close through a method of this end rather
+        # than a partial of the tunnel's: one object less per direction of
+        # every tunnel.
+        frames = FrameTracker(masked, onClose=self.closeSeen)
         super().__init__(tunnel, side, towards, frames)
         self.feed = frames.feed
+
+    def closeSeen(self, code: int) -> None:
+        """A Close frame with C{code} passed in this end's direction."""
+        self.tunnel.closeSeen(self.side, code)
 
     def dataReceived(self, data: bytes) -> None:
         self.count += len(data)
@@ -99,9 +106,24 @@ class Tunnel:
     @ivar goingAway: the drain's close handshake, once L{goAway} began it.
     """
 
-    closeCode: int | None = None
-    closeFrom: str | None = None
-    goingAway: GoingAway | None = None
+    # A tunnel lives as long as its connections, idle ones included: slots
+    # keep it to the size of its fields.
+    __slots__ = (
+        "client",
+        "upstream",
+        "settings",
+        "clock",
+        "started",
+        "logFields",
+        "lease",
+        "closed",
+        "closeReason",
+        "closeCode",
+        "closeFrom",
+        "goingAway",
+        "_fromClient",
+        "_fromUpstream",
+    )
 
     def __init__(
         self,
@@ -128,11 +150,12 @@ class Tunnel:
         self.closed = False
         #: Why the proxy closed the tunnel (C{"idle_timeout"}), if it did.
         self.closeReason: str | None = None
+        self.closeCode: int | None = None
+        self.closeFrom: str | None = None
+        self.goingAway: GoingAway | None = None
         if websocket:
-            fromClient = FrameTracker(masked=True, onClose=partial(self.closeSeen, "client"))
-            fromUpstream = FrameTracker(masked=False, onClose=partial(self.closeSeen, "upstream"))
-            self._fromClient: _TunnelEnd = _TrackedEnd(self, "client", upstream, fromClient)
-            self._fromUpstream: _TunnelEnd = _TrackedEnd(self, "upstream", client, fromUpstream)
+            self._fromClient: _TunnelEnd = _TrackedEnd(self, "client", upstream, masked=True)
+            self._fromUpstream: _TunnelEnd = _TrackedEnd(self, "upstream", client, masked=False)
         else:
             self._fromClient = _TunnelEnd(self, "client", upstream)
             self._fromUpstream = _TunnelEnd(self, "upstream", client)
