@@ -117,29 +117,43 @@ def writerFor(transport: Any) -> Callable[[bytes], None]:
     """
     if type(transport) not in _DIRECT:
         return transport.write
-    send = transport.socket.send
-    write = transport.write
+    return _DirectWriter(transport).write
 
-    def writeNow(data: bytes) -> None:
+
+class _DirectWriter:
+    """
+    L{writerFor}'s C{write} for a plain TCP transport.
+
+    An object with slots rather than a closure: every leg keeps one for as
+    long as its connection lives, and a closure (its function, its cells)
+    is several times the size.
+    """
+
+    __slots__ = ("_transport", "_send")
+
+    def __init__(self, transport: tcp.Connection) -> None:
+        self._transport = transport
+        self._send = transport.socket.send
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
         if (
             transport._tempDataLen
             or len(transport.dataBuffer) > transport.offset
             or transport.disconnecting
             or not transport.connected
         ):
-            write(data)
+            transport.write(data)
             return
         try:
-            sent = send(data)
+            sent = self._send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            write(data)
+            transport.write(data)
             return
         if sent < len(data):
-            write(data[sent:])
-
-    return writeNow
+            transport.write(data[sent:])
 
 
 _DIRECT = (tcp.Server, tcp.Client)
