@@ -54,6 +54,13 @@ METRICS: list[Metric] = [
     Metric("http-close", "", "proxy CPU µs/request", _per("cpu_s", 1e6, lambda r: r["requests"]), "{:.1f}"),
     Metric("idle", "8. Idle tunnels held", "tunnels held", lambda r: r["tunnels"], "{:,.0f}"),
     Metric("idle", "", "RSS KiB/tunnel", lambda r: r["kib_per_tunnel"], "{:.2f}"),
+    Metric(
+        "started",
+        "9. Started, listening, before any load",
+        "RSS of a started proxy (MiB)",
+        lambda r: r["rss_kib"] / 1024,
+        "{:.1f}",
+    ),
 ]
 
 

@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import processes  # noqa: E402
+import procstat  # noqa: E402
 import report  # noqa: E402
 from processes import Child, pinned  # noqa: E402
 from upstream import raise_nofile  # noqa: E402
@@ -54,6 +55,10 @@ WORKERS_CPUS = "0,1"
 # Logging at "warn" matches nginx's "access_log off; error_log ... error;".
 DEFAULT_WSPROXY_CMD = f"{shlex.quote(sys.executable)} -m twisted --log-level=warn wsproxy --config {{config}}"
 NO_TLS = "wsproxy has no TLS listener yet"
+#: Not a load scenario: each target's RSS once it listens, before any load.
+STARTED = "started"
+#: How long a target that listens is left alone before its RSS is read.
+STARTED_SETTLE = 1.0
 
 
 class Target:
@@ -195,6 +200,19 @@ def loadgen_argv(scenario: str, target: Target, args: argparse.Namespace) -> tup
     if scenario in ("ws-small", "handshake", "handshake-tls"):
         extra += ["--workers", str(args.workers)]
     return pinned(LOAD_CPU, base + extra + common), limit
+
+
+def started_rss(target: Target) -> dict[str, Any]:
+    """
+    RSS of a target that listens and has had no load yet: the process and
+    all its descendants (nginx's master and worker, wsproxy's workers), as
+    the idle scenario counts them.
+    """
+    if target.start_error:
+        return {"ok": False, "error": target.start_error}
+    if not target.child.alive():
+        return {"ok": False, "error": f"{target.name} is not running: {target.child.log_tail(1)}"}
+    return {"ok": True, "rss_kib": procstat.rss_kib(procstat.descendants(target.child.pid))}
 
 
 def run_one(scenario: str, target: Target, args: argparse.Namespace) -> dict[str, Any]:
@@ -414,6 +432,11 @@ def main() -> None:
                     args, work, up_port, port, tls, chain, key, name=name, top=top, server=server
                 )
 
+        # Before any load; the other targets' start-up is over too.
+        time.sleep(STARTED_SETTLE)
+        results[STARTED] = {name: [started_rss(targets[name])] for name in args.targets}
+        print(f"started: {json.dumps(results[STARTED])[:300]}", flush=True)
+
         for rnd in range(args.rounds):
             order = args.targets[rnd % len(args.targets) :] + args.targets[: rnd % len(args.targets)]
             for scenario in args.scenarios:
@@ -429,7 +452,7 @@ def main() -> None:
     finally:
         processes.stop_all()
 
-    table = report.table(results, args.targets, args.scenarios)
+    table = report.table(results, args.targets, [*args.scenarios, STARTED])
     info = describe_machine()
     write_results(Path(args.output), info, args, table, results, time.time() - started)
     print()

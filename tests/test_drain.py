@@ -391,6 +391,42 @@ async def test_a_close_already_under_way_is_relayed_and_its_code_recorded(cleanu
     assert (tunnel.closeCode, tunnel.closeFrom) == (4000, "client")
 
 
+class QuietClient(WebSocketClientProtocol):
+    """Opens the WebSocket and sends nothing."""
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.closed.callback((wasClean, code))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tunnel_that_never_carried_a_message_gets_1001_both_ways(cleanup, listener):
+    """
+    The frame trackers of a tunnel are made when its first byte passes; a
+    drain of a tunnel that carried none still knows both directions are at
+    a frame boundary, and closes each with its own Close.
+    """
+    echo, echoes = listenRecordingEcho(cleanup)
+    proxy = await drainingProxy(cleanup, echo.getHost().port, listener, shutdown_timeout=0.5)
+    scheme = "wss" if listener["client"] is not None else "ws"
+    factory = WebSocketClientFactory(f"{scheme}://{LOOPBACK}:{proxy.ports[0]}/ws")
+    factory.protocol = QuietClient
+    factory.opened, factory.closed = Deferred(), Deferred()
+    endpoint = TCP4ClientEndpoint(reactor, LOOPBACK, proxy.ports[0])
+    if listener["client"] is not None:
+        endpoint = wrapClientTLS(listener["client"], endpoint)
+    await endpoint.connect(factory)
+    await factory.opened.addTimeout(10, reactor)
+    (tunnel,) = tunnels(proxy)
+    await proxy.stopService()
+    assert await factory.closed.addTimeout(5, reactor) == (True, GOING_AWAY)
+    assert await until(lambda: echoes.closes, timeout=5)
+    assert echoes.closes == [(True, GOING_AWAY)]
+    assert (tunnel.closeCode, tunnel.closeFrom) == (GOING_AWAY, "proxy")
+
+
 def parseClose(data: bytes) -> tuple[bool, int]:
     """Whether C{data} is exactly one Close frame, masked or not, and its code."""
     assert data[0] == 0x88, data

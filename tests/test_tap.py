@@ -177,3 +177,51 @@ def test_conformance_without_its_extra_says_what_to_install(tmp_path, missing):
     (line,) = result.stderr.strip().splitlines()
     assert missing in line and "pip install 'wsproxy[conformance]'" in line
     assert not any(tmp_path.iterdir()), "nothing was run"
+
+
+def test_a_proxy_started_from_toml_does_not_load_what_it_does_not_use(tmp_path):
+    """
+    A worker started from a TOML file with a plain and a TLS listener does
+    not import the nginx converter, the metrics page's web server, the
+    Prometheus client or Autobahn: each would stay in memory for as long
+    as the proxy runs.
+    """
+    from support import ServerCertificate
+
+    tls = ServerCertificate(tmp_path)
+    config = tmp_path / "wsproxy.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [upstream.app]
+            servers = ["127.0.0.1:9"]
+
+            [[server]]
+            listen = "tcp:0:interface=127.0.0.1"
+            proxy_pass = "http://app"
+
+            [[server]]
+            listen = "tcp:0:interface=127.0.0.1"
+            proxy_pass = "http://app"
+            ssl_certificate = "{tls.block["ssl_certificate"]}"
+            ssl_certificate_key = "{tls.block["ssl_certificate_key"]}"
+            """
+        )
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from wsproxy.tap import Options, makeService
+
+        options = Options()
+        options.parseOptions(["--config", {str(config)!r}])
+        service = makeService(options)
+        service.startService()
+        heavy = ["wsproxy.nginxconf", "crossplane", "twisted.web", "prometheus_client", "autobahn"]
+        print(" ".join(name for name in heavy if name in sys.modules))
+        service.stopService()
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=ENVIRONMENT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""

@@ -1328,6 +1328,26 @@ def _checkVirtualHosts(config: Config) -> None:
                 owners[name] = index
 
 
+_TOML_TABLE = re.compile(r"^\s*\[\[?[A-Za-z0-9_.\"-]+\]\]?\s*(#.*)?$", re.M)
+_NGINX_BLOCK = re.compile(r"^\s*[a-z_]+(\s+[^\s{;=]+)*\s*\{", re.M)
+_NGINX_STATEMENT = re.compile(r"^\s*[a-z_]+(\s+[^=\s#][^;\n]*)?;\s*(#.*)?$", re.M)
+
+
+def looksLikeNginx(text: str) -> bool:
+    """
+    Whether C{text} is an nginx configuration rather than wsproxy's TOML,
+    by its content: nginx has blocks in braces and statements ending in
+    C{;}, TOML has C{[tables]} and C{key = value}.
+
+    It lives here rather than in L{wsproxy.nginxconf} so that a TOML file
+    loads without importing the converter: a proxy started from TOML never
+    needs it, and its code would stay in memory for as long as it runs.
+    """
+    if _TOML_TABLE.search(text):
+        return False
+    return bool(_NGINX_BLOCK.search(text) or _NGINX_STATEMENT.search(text))
+
+
 def loadConfig(path: str | Path, acceptUnsupported: bool = False) -> Config:
     """
     Read and validate the TOML file at C{path}, or the nginx configuration
@@ -1338,13 +1358,13 @@ def loadConfig(path: str | Path, acceptUnsupported: bool = False) -> Config:
     @raise ConfigError: if it cannot be read, is not TOML (nor nginx), or
         is not valid.
     """
-    from .nginxconf import convertFile, looksLikeNginx
-
     source = str(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
         if looksLikeNginx(raw.decode("utf-8", "replace")):
+            from .nginxconf import convertFile
+
             conversion = convertFile(path)
             blocking = conversion.blocking
             if blocking and not acceptUnsupported:

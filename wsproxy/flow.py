@@ -40,30 +40,38 @@ class ReadGate:
 
     def __init__(self, transport: Any) -> None:
         self._transport = transport
-        self._holds: set[str] = set()
+        #: The reasons holding the gate, or C{None} while none does: a gate
+        #: is open nearly all the time, and a tunnel keeps two for as long as
+        #: it lives, so an open gate costs no set.
+        self._holds: set[str] | None = None
 
     @property
     def held(self) -> bool:
         """Whether reading is paused for any reason."""
-        return bool(self._holds)
+        return self._holds is not None
 
     def hold(self, reason: str) -> None:
         """Stop reading until C{reason} is released."""
-        if not self._holds:
+        holds = self._holds
+        if holds is None:
             self._transport.pauseProducing()
-        self._holds.add(reason)
+            self._holds = {reason}
+        else:
+            holds.add(reason)
 
     def release(self, reason: str) -> None:
         """Resume reading if C{reason} was the last one holding the gate."""
-        if reason in self._holds:
-            self._holds.discard(reason)
-            if not self._holds:
+        holds = self._holds
+        if holds is not None and reason in holds:
+            holds.discard(reason)
+            if not holds:
+                self._holds = None
                 self._transport.resumeProducing()
 
     def open(self) -> None:
         """Resume reading, whatever held the gate."""
-        if self._holds:
-            self._holds.clear()
+        if self._holds is not None:
+            self._holds = None
             self._transport.resumeProducing()
 
     def pauseProducing(self) -> None:
@@ -109,29 +117,43 @@ def writerFor(transport: Any) -> Callable[[bytes], None]:
     """
     if type(transport) not in _DIRECT:
         return transport.write
-    send = transport.socket.send
-    write = transport.write
+    return _DirectWriter(transport).write
 
-    def writeNow(data: bytes) -> None:
+
+class _DirectWriter:
+    """
+    L{writerFor}'s C{write} for a plain TCP transport.
+
+    An object with slots rather than a closure: every leg keeps one for as
+    long as its connection lives, and a closure (its function, its cells)
+    is several times the size.
+    """
+
+    __slots__ = ("_transport", "_send")
+
+    def __init__(self, transport: tcp.Connection) -> None:
+        self._transport = transport
+        self._send = transport.socket.send
+
+    def write(self, data: bytes) -> None:
+        transport = self._transport
         if (
             transport._tempDataLen
             or len(transport.dataBuffer) > transport.offset
             or transport.disconnecting
             or not transport.connected
         ):
-            write(data)
+            transport.write(data)
             return
         try:
-            sent = send(data)
+            sent = self._send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            write(data)
+            transport.write(data)
             return
         if sent < len(data):
-            write(data[sent:])
-
-    return writeNow
+            transport.write(data[sent:])
 
 
 _DIRECT = (tcp.Server, tcp.Client)

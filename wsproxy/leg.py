@@ -109,26 +109,61 @@ class Leg(Protocol):
     @ivar sendTimedOut: whether the leg was aborted for that reason.
     """
 
-    owner: Any = Unowned
+    # Slots, and every attribute set in __init__: a proxy holds two legs per
+    # tunnel for as long as the tunnel lives.  CPython shares one key table
+    # between the attribute dicts of a class's instances only for attributes
+    # set while few instances exist; one first set later (C{feeder}, once
+    # connections are made concurrently) turns every leg's attributes into a
+    # dict of its own, several hundred bytes per leg.  (L{Protocol} has no
+    # slots, so an attribute not listed here still works, in a dict.)
+    __slots__ = (
+        "clock",
+        "transport",
+        "connected",
+        "owner",
+        "gate",
+        "write",
+        "sendTimeout",
+        "feeder",
+        "writeBlocked",
+        "closing",
+        "sendTimedOut",
+        "_moved",
+        "_timer",
+        "_due",
+        "_onDue",
+        "_period",
+        "_alsoWatching",
+        "_sendWatch",
+        "_lastPending",
+        "_registered",
+    )
+
+    owner: Any
     gate: ReadGate
     write: Callable[[bytes], None]
-    sendTimeout: float = 0.0
-    feeder: Leg | None = None
-    writeBlocked = False
-    closing = False
-    sendTimedOut = False
-    _moved = False
-    _timer: Any = None
-    _due: float | None = None
-    _onDue: Callable[[], object] | None = None
-    _period = 0.0
-    _alsoWatching: Leg | None = None
-    _sendWatch: Any = None
-    _lastPending = 0
-    _registered = False
+    sendTimeout: float
+    feeder: Leg | None
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
+        self.transport = None
+        self.connected = 0
+        self.owner = Unowned
+        self.sendTimeout = 0.0
+        self.feeder = None
+        self.writeBlocked = False
+        self.closing = False
+        self.sendTimedOut = False
+        self._moved = False
+        self._timer: Any = None
+        self._due: float | None = None
+        self._onDue: Callable[[], object] | None = None
+        self._period = 0.0
+        self._alsoWatching: Leg | None = None
+        self._sendWatch: Any = None
+        self._lastPending = 0
+        self._registered = False
 
     def connectionMade(self) -> None:
         transport = self.transport

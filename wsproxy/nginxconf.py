@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
+from .config import ConfigError, looksLikeNginx
 from .variables import VariableError, compileTemplate
 
 __all__ = [
@@ -114,22 +114,6 @@ class ConversionRefused(Exception):
         lines = [f"{len(self.entries)} unsupported directive(s) change what clients receive:"]
         lines += [f"  {e.where}: {e.directive}: {e.detail}" for e in self.entries]
         super().__init__("\n".join(lines))
-
-
-_TOML_TABLE = re.compile(r"^\s*\[\[?[A-Za-z0-9_.\"-]+\]\]?\s*(#.*)?$", re.M)
-_NGINX_BLOCK = re.compile(r"^\s*[a-z_]+(\s+[^\s{;=]+)*\s*\{", re.M)
-_NGINX_STATEMENT = re.compile(r"^\s*[a-z_]+(\s+[^=\s#][^;\n]*)?;\s*(#.*)?$", re.M)
-
-
-def looksLikeNginx(text: str) -> bool:
-    """
-    Whether C{text} is an nginx configuration rather than wsproxy's TOML,
-    by its content: nginx has blocks in braces and statements ending in
-    C{;}, TOML has C{[tables]} and C{key = value}.
-    """
-    if _TOML_TABLE.search(text):
-        return False
-    return bool(_NGINX_BLOCK.search(text) or _NGINX_STATEMENT.search(text))
 
 
 # Reading

@@ -76,6 +76,8 @@ class UpstreamLeg(Leg):
     for the next request.
     """
 
+    __slots__ = ()
+
 
 class ExchangeState(enum.Enum):
     """

@@ -349,9 +349,19 @@ class ClientLeg(Leg):
     and may end as one end of a tunnel.
     """
 
+    # Slots, as L{Leg}'s: a client leg lives as long as its connection.
+    # C{sniHost} stays unset unless a TLS listener's router sets it.
+    __slots__ = ("factory", "clientAddress", "loop", "serial", "sniHost")
+
     factory: ListenerFactory
-    clientAddress: str = "-"
-    loop: RequestLoop | None = None
+    clientAddress: str
+    loop: RequestLoop | None
+
+    def __init__(self, clock: IReactorTime) -> None:
+        super().__init__(clock)
+        self.factory = None  # type: ignore[assignment]
+        self.clientAddress = "-"
+        self.loop = None
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -20,11 +20,11 @@ client that stops reading stops the reading of the file.
 from __future__ import annotations
 
 import errno
-import mimetypes
 import os
 import re
 import stat
 from email.utils import formatdate, mktime_tz, parsedate_tz
+from functools import cache
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,6 @@ _TYPES = {
     "exe": "application/octet-stream",
     "iso": "application/octet-stream",
 }
-_BUILT_IN = mimetypes.MimeTypes()
 _DEFAULT_TYPE = b"application/octet-stream"
 
 #: Why a path is simply not there (nginx: 404).
@@ -108,6 +107,20 @@ _RANGE_SPEC = re.compile(rb" *(?:([0-9]+) *- *([0-9]+)? *|-([0-9]+) *)")
 _MAX_OFFSET = 2**63 - 1
 
 
+@cache
+def _builtInTypes() -> dict[str, str]:
+    """
+    Python's table of types by extension, for those L{_TYPES} lacks.
+
+    Built on first use rather than at import: most proxies serve no static
+    files, and the table (several hundred entries, copied from the system's
+    C{mime.types}) would stay in memory for as long as they run.
+    """
+    import mimetypes
+
+    return mimetypes.MimeTypes().types_map[True]
+
+
 def contentType(name: str) -> bytes:
     """
     The C{Content-Type} for a file called C{name}, from its extension
@@ -119,7 +132,7 @@ def contentType(name: str) -> bytes:
     extension = extension.lower()
     known = _TYPES.get(extension)
     if known is None:
-        known = _BUILT_IN.types_map[True].get("." + extension)
+        known = _builtInTypes().get("." + extension)
     return known.encode("ascii") if known else _DEFAULT_TYPE
 
 

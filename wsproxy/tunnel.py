@@ -21,7 +21,7 @@ nothing of the HTTP layer stays on the data path.
 
 from __future__ import annotations
 
-from functools import partial
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -47,14 +47,17 @@ log = Logger()
 class _TunnelEnd:
     """One side of a tunnel: what it reads goes to the other side as it is."""
 
-    __slots__ = ("tunnel", "side", "write", "count", "frames")
+    __slots__ = ("tunnel", "side", "write", "count")
 
-    def __init__(self, tunnel: Tunnel, side: str, towards: Leg, frames: FrameTracker | None = None) -> None:
+    #: The frames this end's direction follows: none, unless it is a
+    #: L{_TrackedEnd}.
+    frames: FrameTracker | None = None
+
+    def __init__(self, tunnel: Tunnel, side: str, towards: Leg) -> None:
         self.tunnel = tunnel
         self.side = side
         self.write = towards.write
         self.count = 0
-        self.frames = frames
 
     def dataReceived(self, data: bytes) -> None:
         self.count += len(data)
@@ -68,17 +71,46 @@ class _TunnelEnd:
 
 
 class _TrackedEnd(_TunnelEnd):
-    """One side of a WebSocket tunnel: the frames it relays are followed on the way."""
+    """
+    One side of a WebSocket tunnel: the frames it relays are followed on
+    the way.
 
-    __slots__ = ("feed",)
+    The tracker is made when the first byte passes, or when a drain asks
+    for it (no byte has passed: the direction is at a frame boundary).  Many
+    tunnels sit idle for most of their life, and one that never carried a
+    message then keeps no tracker at all.
+    """
 
-    def __init__(self, tunnel: Tunnel, side: str, towards: Leg, frames: FrameTracker) -> None:
-        super().__init__(tunnel, side, towards, frames)
-        self.feed = frames.feed
+    __slots__ = ("masked", "feed", "_frames")
+
+    def __init__(self, tunnel: Tunnel, side: str, towards: Leg, masked: bool) -> None:
+        super().__init__(tunnel, side, towards)
+        self.masked = masked
+        #: The tracker's C{feed}, once there is a tracker.
+        self.feed: Callable[[bytes], None] | None = None
+        self._frames: FrameTracker | None = None
+
+    @property  # type: ignore[override]
+    def frames(self) -> FrameTracker:
+        """The frames this end's direction follows."""
+        frames = self._frames
+        if frames is None:
+            # A Close is reported through a method of this end rather than
+            # a partial of the tunnel's: one object less per direction.
+            frames = self._frames = FrameTracker(self.masked, onClose=self.closeSeen)
+            self.feed = frames.feed
+        return frames
+
+    def closeSeen(self, code: int) -> None:
+        """A Close frame with C{code} passed in this end's direction."""
+        self.tunnel.closeSeen(self.side, code)
 
     def dataReceived(self, data: bytes) -> None:
         self.count += len(data)
-        self.feed(data)
+        feed = self.feed
+        if feed is None:
+            feed = self.frames.feed
+        feed(data)
         self.write(data)
 
 
@@ -99,9 +131,24 @@ class Tunnel:
     @ivar goingAway: the drain's close handshake, once L{goAway} began it.
     """
 
-    closeCode: int | None = None
-    closeFrom: str | None = None
-    goingAway: GoingAway | None = None
+    # A tunnel lives as long as its connections, idle ones included: slots
+    # keep it to the size of its fields.
+    __slots__ = (
+        "client",
+        "upstream",
+        "settings",
+        "clock",
+        "started",
+        "logFields",
+        "lease",
+        "closed",
+        "closeReason",
+        "closeCode",
+        "closeFrom",
+        "goingAway",
+        "_fromClient",
+        "_fromUpstream",
+    )
 
     def __init__(
         self,
@@ -128,11 +175,12 @@ class Tunnel:
         self.closed = False
         #: Why the proxy closed the tunnel (C{"idle_timeout"}), if it did.
         self.closeReason: str | None = None
+        self.closeCode: int | None = None
+        self.closeFrom: str | None = None
+        self.goingAway: GoingAway | None = None
         if websocket:
-            fromClient = FrameTracker(masked=True, onClose=partial(self.closeSeen, "client"))
-            fromUpstream = FrameTracker(masked=False, onClose=partial(self.closeSeen, "upstream"))
-            self._fromClient: _TunnelEnd = _TrackedEnd(self, "client", upstream, fromClient)
-            self._fromUpstream: _TunnelEnd = _TrackedEnd(self, "upstream", client, fromUpstream)
+            self._fromClient: _TunnelEnd = _TrackedEnd(self, "client", upstream, masked=True)
+            self._fromUpstream: _TunnelEnd = _TrackedEnd(self, "upstream", client, masked=False)
         else:
             self._fromClient = _TunnelEnd(self, "client", upstream)
             self._fromUpstream = _TunnelEnd(self, "upstream", client)
