@@ -129,11 +129,14 @@ class _DirectWriter:
     is several times the size.
     """
 
-    __slots__ = ("_transport", "_send")
+    __slots__ = ("_transport", "_send", "_queue")
 
     def __init__(self, transport: tcp.Connection) -> None:
         self._transport = transport
         self._send = transport.socket.send
+        # The transport's own write, bound now: a TLS connection's TCP
+        # transport gets this writer as its C{write} (see L{wsproxy.tls}).
+        self._queue = transport.write
 
     def write(self, data: bytes) -> None:
         transport = self._transport
@@ -143,17 +146,17 @@ class _DirectWriter:
             or transport.disconnecting
             or not transport.connected
         ):
-            transport.write(data)
+            self._queue(data)
             return
         try:
             sent = self._send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
-            transport.write(data)
+            self._queue(data)
             return
         if sent < len(data):
-            transport.write(data[sent:])
+            self._queue(data[sent:])
 
 
 _DIRECT = (tcp.Server, tcp.Client)
