@@ -917,7 +917,7 @@ class _DirectConnection(ClientFactory):
     def __init__(self, reactor: IReactorTCP, host: str, port: int, protocol: IProtocol, timeout: float) -> None:
         self.deferred = Deferred(self._cancel)
         self._protocol = protocol
-        self._connector = reactor.connectTCP(host, port, self, timeout or 30)
+        self._connector = reactor.connectTCP(host, port, self, timeout)
 
     def buildProtocol(self, addr: Any) -> IProtocol:
         return _Handoff(self._protocol, self.deferred)
