@@ -217,7 +217,11 @@ def test_a_proxy_started_from_toml_does_not_load_what_it_does_not_use(tmp_path):
         options.parseOptions(["--config", {str(config)!r}])
         service = makeService(options)
         service.startService()
-        heavy = ["wsproxy.nginxconf", "crossplane", "twisted.web", "prometheus_client", "autobahn"]
+        heavy = [
+            "wsproxy.nginxconf", "crossplane", "twisted.web", "prometheus_client", "autobahn",
+            "wsproxy.health", "wsproxy.discovery", "twisted.names", "wsproxy.metricsweb",
+            "wsproxy.conformance", "wsproxy.demo",
+        ]
         print(" ".join(name for name in heavy if name in sys.modules))
         service.stopService()
         """
