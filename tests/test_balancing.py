@@ -13,8 +13,13 @@ from random import Random
 from typing import Any
 
 import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from wsproxy import parseConfig
 from wsproxy.config import ConfigError, UpstreamAddress, parseUpstreamAddress
@@ -367,3 +372,66 @@ def test_a_reload_carries_counts_and_health_of_the_servers_that_stay(stateLog):
     ]
     open_.release()
     assert new.snapshot()[0].tunnels == 0, "a lease from before the reload releases what the new pool counts"
+
+
+# Connecting: the servers of one pick, tried in turn.
+
+
+def connectingPool(servers: list[str]) -> tuple[UpstreamPool, MemoryReactorClock]:
+    reactor = MemoryReactorClock()
+    return UpstreamPool(upstreamOf(servers), reactor, random=Random(1)), reactor
+
+
+def test_a_refused_server_passes_the_request_to_the_next():
+    pool, reactor = connectingPool(["127.0.0.1:9001", "127.0.0.1:9002"])
+    results: list[Any] = []
+    pool.connectInOrder(pool.servers, Protocol, 5.0).addBoth(results.append)
+    host, port, factory, timeout, _ = reactor.tcpClients[0]
+    assert (host, port, timeout) == ("127.0.0.1", 9001, 5.0)
+    factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    assert results == [] and len(reactor.tcpClients) == 2
+    factory = reactor.tcpClients[1][2]
+    standIn = factory.buildProtocol(None)
+    transport = StringTransport()
+    transport.protocol = standIn
+    standIn.makeConnection(transport)
+    [(server, protocol, reused)] = results
+    assert server.address.port == 9002 and not reused
+    assert transport.protocol is protocol and protocol.transport is transport, "no wrapper in between"
+
+
+def test_every_server_refusing_is_one_failure_naming_each():
+    pool, reactor = connectingPool(["127.0.0.1:9001", "127.0.0.1:9002"])
+    results: list[Any] = []
+    pool.connectInOrder(pool.servers, Protocol, 5.0).addBoth(results.append)
+    for index in range(2):
+        reactor.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    [failure] = results
+    assert failure.check(NoUpstreamAvailable)
+    assert "127.0.0.1:9001" in str(failure.value) and "127.0.0.1:9002" in str(failure.value)
+
+
+def test_cancelling_stops_the_attempt_without_counting_a_failure():
+    pool, reactor = connectingPool(["127.0.0.1:9001", "127.0.0.1:9002"])
+    results: list[Any] = []
+    attempt = pool.connectInOrder(pool.servers, Protocol, 5.0)
+    attempt.addBoth(results.append)
+    connector = reactor.connectors[0]
+    attempt.cancel()
+    [failure] = results
+    assert failure.check(CancelledError)
+    assert connector.stoppedConnecting
+    assert len(reactor.tcpClients) == 1, "the next server is not tried"
+    assert pool.servers[0].downUntil == 0.0
+
+
+def test_an_error_of_our_own_fails_the_attempt_instead_of_raising():
+    pool, _ = connectingPool(["127.0.0.1:9001"])
+
+    def broken() -> Protocol:
+        raise RuntimeError("no protocol")
+
+    results: list[Any] = []
+    pool.connectInOrder(pool.servers, broken, 5.0).addBoth(results.append)
+    [failure] = results
+    assert failure.check(RuntimeError)

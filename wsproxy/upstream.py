@@ -864,7 +864,11 @@ class _Attempt:
                 lease.hold(server)
             self._server = server
             self._began = self.pool._reactor.seconds()
-            connecting = self._connecting = server.connect(self._protocolFactory(), self._timeout)
+            try:
+                connecting = self._connecting = server.connect(self._protocolFactory(), self._timeout)
+            except Exception:
+                self.deferred.errback(Failure())
+                return
             connecting.addCallbacks(self._connected, self._failed)
             return
         self.deferred.errback(NoUpstreamAvailable(self.pool.name, failures))
