@@ -605,6 +605,9 @@ _REQUEST = (
     "in=%(bytesIn)d out=%(bytesOut)d %(duration).3fs"
 )
 _TUNNEL = _REQUEST + " closed by %(closedBy)s"
+#: What an event in C{twistd}'s log carries, for a request and a tunnel.
+_REQUEST_FIELDS = ("client", "method", "target", "status", "upstream", "bytesIn", "bytesOut", "duration")
+_TUNNEL_FIELDS = (*_REQUEST_FIELDS, "closedBy", "closeReason", "closeCode")
 
 
 def logRequest(
@@ -630,19 +633,6 @@ def logRequest(
     C{True}, C{127.0.0.1 "GET /" 200 upstream=... in=0 out=20 0.001s} in
     C{twistd}'s log; else a line in its format.
     """
-    if destination.__class__ is not AccessLog:
-        fields = {
-            "client": client,
-            "method": method,
-            "target": target,
-            "status": status,
-            "upstream": upstream,
-            "bytesIn": bytesIn,
-            "bytesOut": bytesOut,
-            "duration": duration,
-        }
-        log.info("{line}", line=_REQUEST % fields, **fields)
-        return
     entry = LogEntry(
         client,
         method,
@@ -659,7 +649,7 @@ def logRequest(
         upstreamStatus,
         headBytes,
     )
-    accessLogs.writerFor(destination)(entry)  # type: ignore[arg-type]
+    _emit(destination, entry, _REQUEST, _REQUEST_FIELDS)
 
 
 def logAnswer(
@@ -715,22 +705,6 @@ def logTunnel(
     C{... 101 upstream=... closed by client} in C{twistd}'s log; else a
     line in its format.
     """
-    if destination.__class__ is not AccessLog:
-        fields = {
-            "client": client,
-            "method": method,
-            "target": target,
-            "status": 101,
-            "upstream": upstream,
-            "bytesIn": bytesIn,
-            "bytesOut": bytesOut,
-            "duration": duration,
-            "closedBy": side,
-            "closeReason": closeReason,
-            "closeCode": closeCode,
-        }
-        log.info("{line}", line=_TUNNEL % fields, **fields)
-        return
     entry = LogEntry(
         client,
         method,
@@ -748,4 +722,17 @@ def logTunnel(
         closeReason=closeReason,
         closeCode=closeCode,
     )
-    accessLogs.writerFor(destination)(entry)  # type: ignore[arg-type]
+    _emit(destination, entry, _TUNNEL, _TUNNEL_FIELDS)
+
+
+def _emit(destination: bool | AccessLog, entry: LogEntry, line: str, names: tuple[str, ...]) -> None:
+    """
+    Write C{entry} where C{destination} says: a line in an access log's
+    format, or (for C{True}) C{line} in C{twistd}'s log, as an event that
+    carries the fields C{names}.
+    """
+    if destination.__class__ is AccessLog:
+        accessLogs.writerFor(destination)(entry)  # type: ignore[arg-type]
+        return
+    fields = {name: getattr(entry, name) for name in names}
+    log.info("{line}", line=line % fields, **fields)
