@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import pytest_twisted
 import trustme
-from support import LOOPBACK, sleep, stillAfter, until
+from support import LOOPBACK, stillAfter, until
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
@@ -259,11 +259,7 @@ async def test_forwarderHoldsBackAWriterWhileTheServerDoesNotRead(cleanup: Any) 
     assert 0 < server.received < len(payload)
 
     server.transport.resumeProducing()
-    for _ in range(300):
-        if server.received == len(payload):
-            break
-        await sleep(0.1)
-    assert server.received == len(payload)
+    assert await until(lambda: server.received == len(payload), timeout=30.0, interval=0.1)
     assert server.digest.digest() == hashlib.sha256(payload).digest()
     assert not waiting.paused
 

@@ -24,8 +24,7 @@ import re
 import pytest
 import pytest_twisted
 from desync_corpus import loadCases
-from support import connectRaw, listenScripted, ok, proxyTo, sleep, startProxy, stopProxy
-from twisted.internet import reactor
+from support import connectRaw, listenScripted, ok, proxyTo, startProxy, stopProxy, until
 
 CASES = loadCases()
 BY_ID = {case.caseId: case for case in CASES}
@@ -128,15 +127,6 @@ async def proxy():
     await port.stopListening()
 
 
-async def _until(predicate, timeout: float = 5.0) -> bool:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            return False
-        await sleep(0.002)
-    return True
-
-
 async def _send(proxy, case) -> tuple[bytes, bool, list[bytes]]:
     """
     Send C{case}'s head; once the proxy has connected to the upstream, send
@@ -153,12 +143,12 @@ async def _send(proxy, case) -> tuple[bytes, bool, list[bytes]]:
     head = case.method == "HEAD"
     client = await connectRaw(port)
     client.transport.write(case.toBytes())
-    await _until(lambda: len(upstream.connections) > before or client.received or client.closed.called)
+    await until(lambda: len(upstream.connections) > before or client.received or client.closed.called, interval=0.002)
     if len(upstream.connections) > before:
         body = case.framedBody()
         client.transport.write(CHUNKED_BODY if body == b"0\r\n\r\n" else body)
         connection = upstream.connections[before]
-        if await _until(lambda: _requestComplete(connection.received)):
+        if await until(lambda: _requestComplete(connection.received), interval=0.002):
             connection.transport.write(ok(extra=b"Connection: close\r\n"))
             connection.transport.loseConnection()
     received = await client.waitFor(lambda r: _responseComplete(r, head))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest_twisted
-from support import LOOPBACK, sleep, until
+from support import LOOPBACK, until
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -67,10 +67,6 @@ async def test_direct_writes_keep_the_order_when_the_kernel_buffer_fills(cleanup
         total += len(piece)
     assert sender.transport._tempDataLen or sender.transport.dataBuffer, "the kernel buffer filled up"
     receiver.transport.resumeProducing()
-    for _ in range(500):
-        if receiver.count == total:
-            break
-        await sleep(0.01)
-    assert receiver.count == total
+    assert await until(lambda: receiver.count == total)
     assert receiver.digest.hexdigest() == expected.hexdigest()
     sender.transport.loseConnection()
