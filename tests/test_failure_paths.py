@@ -28,6 +28,7 @@ from support import (
     listenScripted,
     ok,
     startProxy,
+    stillAfter,
     switching,
     until,
     upgradeRequest,
@@ -347,6 +348,26 @@ async def test_idle_keep_alive_connection_is_closed_after_keepalive_timeout(list
     received = await client.waitClosed(3)
     assert received is not None, "the idle connection must be closed"
     assert statuses(received) == [b"200"] and received.endswith(b"one")
+    await listener.settled()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_request_moves_the_keep_alive_deadline(listener):
+    """
+    A connection that keeps sending requests stays open past its first
+    keep-alive deadline (the one reactor call behind it fires early and
+    waits for the rest), and closes once it has been idle for as long.
+    """
+    upstream = listener.upstream(echoPath, closeAfter=False)
+    proxy = await listener.proxy(upstream, keepalive_timeout=0.5)
+    client = await listener.connect(proxy)
+    for n in range(4):
+        client.transport.write(b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % n)
+        await client.waitFor(b"/%d" % n)
+        assert await stillAfter(0.3, lambda: not client.closed.called), f"open 0.3 s after request {n}"
+    received = await client.waitClosed(3)
+    assert received is not None, "the idle connection must be closed"
+    assert statuses(received) == [b"200"] * 4 and received.endswith(b"/3")
     await listener.settled()
 
 
